@@ -20,12 +20,12 @@ import time
 import numpy as np
 import torch
 
-from prefalign.lm import em_dpo
-from prefalign.lm.dpo import LossConfig, make_step
-from prefalign.lm.logprobs import collate, encode_records
-from prefalign.lm.models import LoraSettings
-from prefalign.lm.reference import precompute_reference_logps
-from prefalign.train import TrainConfig, fit, make_accelerator
+from prefalign.methods.em_dpo import em as em_dpo
+from prefalign.methods.dpo import LossConfig, PreferenceLoss, make_step
+from prefalign.core.logprobs import collate, encode_records
+from prefalign.core.models import LoraSettings
+from prefalign.core.reference import precompute_reference_logps
+from prefalign.core.train import TrainConfig, fit, make_accelerator
 from prefalign.worlds.reviews import ReviewsWorld
 
 
@@ -67,7 +67,7 @@ def main():
         policy,
         encoded,
         lambda items: collate(items, pad),
-        make_step(LossConfig(name="plackett_luce")),
+        make_step(PreferenceLoss(LossConfig(name="plackett_luce"))),
         train_cfg,
         accelerator=accelerator,
     )

@@ -33,9 +33,9 @@ def child(args) -> dict:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from prefalign.lm import dpo, mpo
-    from prefalign.lm.logprobs import EncodedRecord, collate
-    from prefalign.lm.reference import live_reference
+    from prefalign.methods import dpo, mpo
+    from prefalign.core.logprobs import EncodedRecord, collate
+    from prefalign.core.reference import live_reference
 
     torch.set_num_threads(1)
     after_imports = rss_mb()
@@ -63,10 +63,10 @@ def child(args) -> dict:
     pairs = [record(2) for _ in range(args.batch)]
     if args.mode == "dpo":
         reference_fn = live_reference("frozen", policy)  # a frozen deep copy: the second model
-        step = dpo.make_step(dpo.LossConfig(name="dpo"), reference_fn)
+        step = dpo.make_step(dpo.PreferenceLoss(dpo.LossConfig(name="dpo")), reference_fn)
         batch = collate(pairs, 0)
     else:
-        step = mpo.make_step(mpo.MPOSettings())
+        step = mpo.make_step(mpo.LossConfig())
         batch = mpo.collate_mpo([(p, record(1), None) for p in pairs], 0)
     after_models = rss_mb()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)

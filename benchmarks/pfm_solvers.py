@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from prefalign.demos.pfm import flow_config
-from prefalign.evaluate import markdown_table, plot_lines, write_report
-from prefalign.flow.pfm import PreferenceFlow, collect_pairs, integrate
+from prefalign.core.report import markdown_table, plot_lines, write_report
+from prefalign.methods.pfm import PreferenceFlow, collect_pairs, integrate
 from prefalign.worlds import digits
 
 

@@ -30,27 +30,30 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from prefalign.config import build
-    from prefalign.diffusion import common, diffusion_dpo, sspo
+    from prefalign.core import images
+    from prefalign.core.checkpoint import trainable_state
+    from prefalign.core.config import build
+    from prefalign.methods import diffusion_dpo, sspo
+    from prefalign.worlds import digits_ddpm
 
     torch.manual_seed(0)
-    ddpm = common.DigitsDDPMConfig(channels=tuple(args.channels))
-    scheduler = common.build_scheduler(ddpm)
+    ddpm = digits_ddpm.DigitsDDPMConfig(channels=tuple(args.channels))
+    scheduler = digits_ddpm.build_scheduler(ddpm)
     n_rows = args.batch * 4
     data = {
         "chosen": torch.rand(n_rows, 1, 8, 8) * 2 - 1,
         "rejected": torch.rand(n_rows, 1, 8, 8) * 2 - 1,
         "context": torch.arange(n_rows) % 10,
     }
-    dataset = common.ImageDataset(data)
+    dataset = images.ImageDataset(data)
     batches = [
-        common.collate_images([dataset[i] for i in range(k, k + args.batch)])
+        images.collate_images([dataset[i] for i in range(k, k + args.batch)])
         for k in range(0, n_rows, args.batch)
     ]
 
     def fresh_model():
         torch.manual_seed(0)
-        unet = common.build_digits_unet(ddpm)
+        unet = digits_ddpm.build_digits_unet(ddpm)
         if args.lora_rank:
             from peft import LoraConfig, inject_adapter_in_model
 
@@ -79,9 +82,9 @@ def main() -> None:
     for cached in (False, True):
         unet = fresh_model()
         cfg = build(sspo.Config, {
-            "data": {"path": "unused"}, "beta": 2000.0,
-            "bank": {"size": args.bank_size, "save_every": 10**9},
-            "reference_sample": {"steps": args.ref_steps, "cache": cached},
+            "model": {"name_or_path": "unused"}, "data": {"train": "unused"}, "loss": {"beta": 2000.0},
+            "sspo": {"bank": {"size": args.bank_size, "save_every": 10**9},
+                     "reference_sample": {"steps": args.ref_steps, "cache": cached}},
         })  # fmt: skip
         state = sspo.SSPOState(unet, cfg, 1)
         for k in range(1, args.bank_size):  # a full bank of distinct snapshots
@@ -90,13 +93,13 @@ def main() -> None:
                     if p.requires_grad:
                         p.add_(1e-3 * torch.randn_like(p))
             state.bank.ids.append(k)
-            state.bank.entries.append(sspo.trainable_state(unet))
+            state.bank.entries.append(trainable_state(unet))
         if cached:  # steady state: every snapshot has sampled every row once
             for position, snapshot_id in enumerate(state.bank.ids):
                 net = state.reference.load(state.bank, position)
                 for batch in batches:
                     sspo.reference_samples(net, scheduler, batch["context"], batch["index"], snapshot_id,
-                                           cfg.reference_sample, 0, state.cache)  # fmt: skip
+                                           cfg.sspo.reference_sample, 0, state.cache)  # fmt: skip
         step = sspo.make_step(scheduler, state, cfg)
         timed(unet, step, 2)
         results["sspo_cached" if cached else "sspo_uncached"] = timed(unet, step, args.steps)

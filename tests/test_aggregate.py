@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from prefalign.lm.aggregate import (
+from prefalign.core.logprobs import generate_responses
+from prefalign.core.models import LoraSettings
+from prefalign.methods.em_dpo.aggregate import (
     MixturePolicy,
     cross_evaluation,
     min_max_regret,
@@ -12,9 +14,7 @@ from prefalign.lm.aggregate import (
     solve_lp,
     solve_omw,
 )
-from prefalign.lm.em_dpo import add_type_adapters
-from prefalign.lm.logprobs import generate_responses
-from prefalign.lm.models import LoraSettings
+from prefalign.methods.em_dpo.em import add_type_adapters
 from prefalign.worlds.reviews import ReferenceConfig, build_model, build_tokenizer
 
 torch.set_num_threads(1)

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prefalign import data
-from prefalign.data import (
+from prefalign.core import data
+from prefalign.core.data import (
     DataError,
     PreferenceRecord,
     load_preferences,
@@ -317,7 +317,7 @@ def test_skip_mode_counts_reasons_and_logs_one_line(tmp_path, caplog):
     path = write_jsonl(tmp_path / "prefs.jsonl", rows)
     with open(path, "a") as f:
         f.write("not json\n")
-    with caplog.at_level(logging.WARNING, logger="prefalign.data"):
+    with caplog.at_level(logging.WARNING, logger="prefalign.core.data"):
         got = load_preferences(path, on_bad_row="skip")
     assert got == [PreferenceRecord.pair("p", "a", "b")] * 2 + [PreferenceRecord.pair("p", "a", "c")]
     assert got.report.skipped == {

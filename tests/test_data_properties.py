@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prefalign.data import DataError, load_preferences
+from prefalign.core.data import DataError, load_preferences
 
 text = st.one_of(st.text(max_size=8), st.just(""), st.just("  "))
 message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "", 3]), "content": text})

@@ -27,7 +27,7 @@ def test_dpo_demo_quick_improves_the_true_reward(tmp_path):
         assert (out / png).stat().st_size > 1000
     assert "| dpo |" in report
     # the saved training data reloads through the validating loader (so configs/dpo_reviews.yaml works on it)
-    from prefalign.data import load_preferences
+    from prefalign.core.data import load_preferences
 
     assert len(load_preferences(out / "data" / "train.jsonl")) == summary["n_train_pairs"]
 

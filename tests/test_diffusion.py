@@ -9,17 +9,21 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from prefalign.config import build
-from prefalign.diffusion import common, diffusion_dpo, sspo
-from prefalign.diffusion.diffusion_dpo import diffusion_dpo_loss
-from prefalign.diffusion.sspo import BankConfig, CheckpointBank, sspo_loss
+from prefalign import runner
+from prefalign.core import diffusion, images
+from prefalign.core.config import build
+from prefalign.core.report import read_metrics
+from prefalign.losses import diffusion_dpo_loss, sspo_loss
+from prefalign.methods import diffusion_dpo, sspo
+from prefalign.methods.sspo import BankConfig, CheckpointBank
+from prefalign.worlds import digits_ddpm
 
 torch.set_num_threads(1)
 
 
 def tiny_unet(seed=0):
     torch.manual_seed(seed)
-    return common.build_digits_unet(common.DigitsDDPMConfig(channels=(8, 16)))
+    return digits_ddpm.build_digits_unet(digits_ddpm.DigitsDDPMConfig(channels=(8, 16)))
 
 
 @pytest.fixture
@@ -27,7 +31,9 @@ def tiny_base(tmp_path):
     """A random tiny class-conditional UNet saved as a diffusers folder (model.base=<folder>)."""
     unet = tiny_unet()
     unet.save_pretrained(tmp_path / "base" / "unet")
-    common.build_scheduler(common.DigitsDDPMConfig()).save_pretrained(tmp_path / "base" / "scheduler")
+    digits_ddpm.build_scheduler(digits_ddpm.DigitsDDPMConfig()).save_pretrained(
+        tmp_path / "base" / "scheduler"
+    )
     return str(tmp_path / "base")
 
 
@@ -140,9 +146,9 @@ def test_paired_errors_share_timestep_and_noise_in_one_forward():
     sched = DDPMScheduler(num_train_timesteps=100)
     x_w, x_l = torch.rand(3, 1, 8, 8), torch.rand(3, 1, 8, 8)
     labels = torch.tensor([1, 2, 3])
-    t, noise = common.draw_timesteps_and_noise(sched, x_w, torch.Generator().manual_seed(0))
+    t, noise = diffusion.draw_timesteps_and_noise(sched, x_w, torch.Generator().manual_seed(0))
     net = Recorder()
-    err_w, err_l = common.paired_errors(net, sched, [x_w, x_l], labels, t, noise)
+    err_w, err_l = diffusion.paired_errors(net, sched, [x_w, x_l], labels, t, noise)
     assert len(net.calls) == 1
     x, ts, lab = net.calls[0]
     assert torch.equal(ts[:3], ts[3:]) and torch.equal(lab[:3], lab[3:])
@@ -160,10 +166,10 @@ def test_v_prediction_target():
     x0, noise, t = torch.rand(2, 1, 4, 4), torch.randn(2, 1, 4, 4), torch.tensor([5, 90])
     a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
     torch.testing.assert_close(
-        common.training_target(sched, x0, noise, t), a.sqrt() * noise - (1 - a).sqrt() * x0
+        diffusion.training_target(sched, x0, noise, t), a.sqrt() * noise - (1 - a).sqrt() * x0
     )
     sched_x0 = DDPMScheduler(num_train_timesteps=100, prediction_type="sample")
-    assert torch.equal(common.training_target(sched_x0, x0, noise, t), x0)
+    assert torch.equal(diffusion.training_target(sched_x0, x0, noise, t), x0)
 
 
 def test_text_conditioned_unet_errors():
@@ -183,9 +189,9 @@ def test_text_conditioned_unet_errors():
     )
     sched = DDPMScheduler(num_train_timesteps=100, prediction_type="v_prediction")
     x_w, x_l, text = torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8), torch.randn(2, 3, 8)
-    t, noise = common.draw_timesteps_and_noise(sched, x_w)
-    err_w, err_l = common.paired_errors(unet, sched, [x_w, x_l], text, t, noise)
-    alone = common.noise_pred_error(unet, sched, x_w, text, t, noise)
+    t, noise = diffusion.draw_timesteps_and_noise(sched, x_w)
+    err_w, err_l = diffusion.paired_errors(unet, sched, [x_w, x_l], text, t, noise)
+    alone = diffusion.noise_pred_error(unet, sched, x_w, text, t, noise)
     torch.testing.assert_close(err_w, alone, rtol=1e-4, atol=1e-6)
     assert err_w.shape == (2,) and not torch.allclose(err_w, err_l)
 
@@ -219,7 +225,7 @@ def test_bank_copies_are_independent_and_keep_the_initial_model():
 
 
 def test_reference_samples_cached_equal_uncached_and_depend_on_snapshot():
-    net, sched = tiny_unet(), common.build_scheduler(common.DigitsDDPMConfig())
+    net, sched = tiny_unet(), digits_ddpm.build_scheduler(digits_ddpm.DigitsDDPMConfig())
     cfg = sspo.RefSampleConfig(steps=3)
     labels, rows = torch.tensor([1, 2, 3]), torch.tensor([10, 11, 12])
     cache = {}
@@ -251,10 +257,10 @@ def test_bad_pair_file_names_file_row_and_field(tmp_path):
     chosen[2, 0, 0] = 3.0
     np.savez(bad, chosen=chosen, rejected=np.zeros((4, 8, 8), np.float32), context=np.zeros(4, np.int64))
     with pytest.raises(ValueError, match=r"bad\.npz: row 2, field 'chosen'"):
-        common.load_image_data(bad)
+        images.load_image_data(bad)
     np.savez(tmp_path / "nolabel.npz", chosen=np.zeros((4, 8, 8), np.float32))
     with pytest.raises(ValueError, match="missing field 'context'"):
-        common.load_image_data(tmp_path / "nolabel.npz", need_rejected=False)
+        images.load_image_data(tmp_path / "nolabel.npz", need_rejected=False)
 
 
 def test_image_folder_pairs(tmp_path):
@@ -264,9 +270,9 @@ def test_image_folder_pairs(tmp_path):
         Image.fromarray(np.full((8, 8), 255 if name == "a" else 0, np.uint8)).save(tmp_path / f"{name}.png")
     (tmp_path / "pairs.csv").write_text("chosen,rejected,label\na.png,b.png,7\nb.png,a.png,x\n")
     with pytest.raises(ValueError, match="row 3, field 'label'"):
-        common.load_image_data(tmp_path)
+        images.load_image_data(tmp_path)
     (tmp_path / "pairs.csv").write_text("chosen,rejected,label\na.png,b.png,7\n")
-    data = common.load_image_data(tmp_path)
+    data = images.load_image_data(tmp_path)
     assert data["context"].tolist() == [7] and data["chosen"].max() == 1 and data["rejected"].min() == -1
 
 
@@ -275,15 +281,18 @@ def test_diffusion_dpo_step_with_lora_disabled_reference(tiny_base, tmp_path):
     cfg = build(
         diffusion_dpo.Config,
         {
-            "model": {"base": tiny_base, "lora_rank": 2},
-            "reference": "lora_disabled",
-            "data": {"path": write_pairs(tmp_path / "p.npz")},
+            "model": {
+                "name_or_path": tiny_base,
+                "lora": {"enabled": True, "r": 2},
+                "reference": {"strategy": "adapter"},
+            },
+            "data": {"train": write_pairs(tmp_path / "p.npz")},
         },
     )
-    unet, sched = common.load_base(cfg.model)
+    unet, sched = diffusion.load_base(cfg.model)
     assert all("lora" in n for n, p in unet.named_parameters() if p.requires_grad)
-    batch = common.collate_images(
-        [common.ImageDataset(common.load_image_data(cfg.data.path))[i] for i in range(4)]
+    batch = images.collate_images(
+        [images.ImageDataset(images.load_image_data(cfg.data.train))[i] for i in range(4)]
     )
     step = diffusion_dpo.make_step(sched, diffusion_dpo.make_reference(unet, "lora_disabled"), beta=100.0)
     loss, metrics = step(unet, batch)
@@ -296,15 +305,15 @@ def test_sspo_step_leaves_bank_and_reference_untouched(tiny_base, tmp_path):
     cfg = build(
         sspo.Config,
         {
-            "model": {"base": tiny_base},
-            "data": {"path": write_pairs(tmp_path / "p.npz")},
-            "reference_sample": {"steps": 2},
+            "model": {"name_or_path": tiny_base},
+            "data": {"train": write_pairs(tmp_path / "p.npz")},
+            "sspo": {"reference_sample": {"steps": 2}},
         },
     )
-    unet, sched = common.load_base(cfg.model)
+    unet, sched = diffusion.load_base(cfg.model)
     state = sspo.SSPOState(unet, cfg, micro_batches_per_update=1)
-    batch = common.collate_images(
-        [common.ImageDataset(common.load_image_data(cfg.data.path, False))[i] for i in range(4)]
+    batch = images.collate_images(
+        [images.ImageDataset(images.load_image_data(cfg.data.train, False))[i] for i in range(4)]
     )
     loss, metrics = sspo.make_step(sched, state, cfg)(unet, batch)
     loss.backward()
@@ -323,11 +332,10 @@ def test_sspo_resume_replays_the_same_run(tiny_base, tmp_path):
         cfg = build(
             sspo.Config,
             {
-                "model": {"base": tiny_base},
-                "data": {"path": write_pairs(tmp_path / "p.npz")},
-                "beta": 50.0,
-                "bank": {"save_every": 1, "size": 3},
-                "reference_sample": {"steps": 2},
+                "model": {"name_or_path": tiny_base},
+                "data": {"train": write_pairs(tmp_path / "p.npz")},
+                "loss": {"beta": 50.0},
+                "sspo": {"bank": {"save_every": 1, "size": 3}, "reference_sample": {"steps": 2}},
                 "train": {
                     "output_dir": str(out),
                     "max_steps": steps,
@@ -340,13 +348,11 @@ def test_sspo_resume_replays_the_same_run(tiny_base, tmp_path):
                 },
             },
         )
-        return sspo.train(cfg)
+        return runner.run(cfg).run_dir
 
     straight = run(tmp_path / "a", 4)
     run(tmp_path / "b", 2)
     resumed = run(tmp_path / "b", 4)
-    from prefalign.evaluate import read_metrics
-
     ma, mb = read_metrics(straight), read_metrics(resumed)
     assert [r["step"] for r in mb] == [1, 2, 3, 4] and [r["sspo/bank_size"] for r in mb] == [1, 2, 3, 3]
     for ra, rb in zip(ma, mb):  # same draws, same snapshots, same x_ref; only float noise of batched convs
@@ -355,8 +361,8 @@ def test_sspo_resume_replays_the_same_run(tiny_base, tmp_path):
             and rb["sspo/flip_rate"] == ra["sspo/flip_rate"]
         )
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
-    a, _ = common.load_final(straight)
-    b, _ = common.load_final(resumed)
+    a, _ = diffusion.load_final(straight)
+    b, _ = diffusion.load_final(resumed)
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(pa, pb, atol=2e-3, rtol=0, msg=name)  # Adam steps are ~lr = 1e-3
 
@@ -370,12 +376,12 @@ def test_diffusion_dpo_improves_the_held_out_score(tmp_path):
     evaluator's mean probability of the intended class over the base model (same evaluation noise for both).
     (SSPO is not asserted to improve: on this world it does not reliably, see docs/diffusion.md.)"""
     quick = bool(os.environ.get("PREFALIGN_QUICK"))
-    unet, sched = common.load_digits_ddpm(quick=True, progress=False)
-    pairs = common.judge_labelled_pairs(unet, sched, 200 if quick else 500, steps=10)
+    unet, sched = digits_ddpm.load_digits_ddpm(quick=True, progress=False)
+    pairs = digits_ddpm.judge_labelled_pairs(unet, sched, 200 if quick else 500, steps=10)
     assert (pairs["judge_chosen"] >= pairs["judge_rejected"]).all()
     np.savez(tmp_path / "pairs.npz", **pairs)
-    evaluate = diffusion_dpo.digits_evaluator(sched, 30 if quick else 60, steps=10)
-    base = float(evaluate(unet)["score"])
+    evaluate = digits_ddpm.evaluator(30 if quick else 60, steps=10)
+    base = float(evaluate(unet, sched)["score"])
     train = {
         "max_steps": 60 if quick else 150,
         "batch_size": 32,
@@ -386,11 +392,11 @@ def test_diffusion_dpo_improves_the_held_out_score(tmp_path):
     dpo_cfg = build(
         diffusion_dpo.Config,
         {
-            "model": {"base": "digits-quick"},
-            "beta": 2000.0,
-            "data": {"path": str(tmp_path / "pairs.npz")},
+            "model": {"name_or_path": "world:digits-quick"},
+            "loss": {"beta": 2000.0},
+            "data": {"train": str(tmp_path / "pairs.npz")},
             "train": {**train, "output_dir": str(tmp_path / "dpo")},
         },
     )
-    dpo_score = float(evaluate(common.load_final(diffusion_dpo.train(dpo_cfg))[0])["score"])
+    dpo_score = float(evaluate(*diffusion.load_final(runner.run(dpo_cfg).run_dir))["score"])
     assert dpo_score > base + 0.02, (base, dpo_score)

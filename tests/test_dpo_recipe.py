@@ -100,7 +100,7 @@ def test_train_on_user_jsonl_learns_the_preference(tmp_path, tiny_model_dir):
     # `prefalign eval RUN_DIR` reloads final/ and reproduces the held-out accuracy of the last evaluation
     evaluated = CliRunner().invoke(app, ["eval", str(run)])
     assert evaluated.exit_code == 0, evaluated.output
-    numbers = json.loads(evaluated.output[evaluated.output.index("{"):])
+    numbers = json.loads(evaluated.output[evaluated.output.index("{") :])
     assert numbers["eval/rewards/accuracies"] == pytest.approx(evals[-1]["eval/rewards/accuracies"], abs=1e-6)
     assert numbers["eval/loss"] == pytest.approx(evals[-1]["eval/loss"], abs=1e-4)
 
@@ -117,7 +117,7 @@ def test_lora_with_adapter_reference(tmp_path, tiny_model_dir):
             "--set",
             "model.lora.enabled=true",
             "--set",
-            "reference.strategy=adapter",
+            "model.reference.strategy=adapter",
             "--set",
             "train.learning_rate=1e-2",
         ],
@@ -150,7 +150,7 @@ def test_bad_config_fails_before_work_with_one_line(tmp_path, tiny_model_dir, ov
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output
-    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    assert not (tmp_path / "run").exists()  # a run that never started leaves no run directory behind
 
 
 def test_empty_dataset_fails_with_one_line(tmp_path, tiny_model_dir):

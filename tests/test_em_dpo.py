@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from prefalign.config import ConfigError
-from prefalign.data import DataError, PreferenceRecord
-from prefalign.lm import em_dpo
-from prefalign.lm.dpo_losses import plackett_luce_loss, ranking_log_likelihood
-from prefalign.lm.logprobs import encode_records
-from prefalign.lm.models import LoraSettings
-from prefalign.train import TrainConfig
+from prefalign import runner
+from prefalign.core.data import PreferenceRecord
+from prefalign.core.encode import encode_records
+from prefalign.core.errors import ConfigError, DataError
+from prefalign.core.models import LoraSettings
+from prefalign.core.train import TrainConfig
+from prefalign.losses.lm import plackett_luce_loss, ranking_log_likelihood
+from prefalign.methods.em_dpo import em as em_dpo
 from prefalign.worlds.reviews import ReferenceConfig, build_model, build_tokenizer
 
 torch.set_num_threads(1)
@@ -235,7 +236,7 @@ def test_weighted_m_step_is_the_gamma_weighted_sum_and_trains_only_weighted_adap
     with torch.no_grad():
         for k, name in enumerate(adapters):
             em_dpo.activate(model, name)
-            from prefalign.lm.logprobs import collate, sequence_logps
+            from prefalign.core.logprobs import collate, sequence_logps
 
             full = collate(encoded, tokenizer.pad_token_id)
             losses, _ = plackett_luce_loss(
@@ -264,7 +265,7 @@ def test_first_m_step_trains_every_adapter():
     ys = ["the food was great .", "the food was awful .", "the bill was okay ."]
     records = [_rec("review: the pizza place", ys, [u % 3, (u + 1) % 3], f"u{u}") for u in range(8)]
     cfg = em_dpo.Config(
-        em=em_dpo.EMConfig(n_types=2, iterations=1, init="labels", init_labels="-"),
+        em=em_dpo.EMConfig(n_types=2, max_iterations=1, init="labels", init_labels="-"),
         train=TrainConfig(output_dir="", max_steps=2, batch_size=8, learning_rate=1e-2, progress=False),
     )
     cfg.model.lora = LoraSettings(enabled=True, r=2, alpha=4)
@@ -302,8 +303,8 @@ def test_em_recovers_two_opposite_types_end_to_end(tmp_path):
     noisy labels (25% wrong) must group the annotators by type (ARI) and give the two adapters implicit rewards
     that order held-out reviews like the two opposite true rewards; the run directory holds the adapters and
     γ/η tables, and `load_run` rebuilds the same model."""
-    from prefalign.lm.aggregate import implicit_rewards
-    from prefalign.lm.logprobs import generate_responses
+    from prefalign.core.logprobs import generate_responses
+    from prefalign.methods.em_dpo.aggregate import implicit_rewards
     from prefalign.worlds.reviews import ReviewsWorld, true_reward
 
     quick = bool(os.environ.get("PREFALIGN_QUICK"))
@@ -325,22 +326,22 @@ def test_em_recovers_two_opposite_types_end_to_end(tmp_path):
     start_ari = em_dpo.adjusted_rand(truth, names, np.eye(2)[[noisy[u] for u in names]])
     cfg = em_dpo.Config(
         em=em_dpo.EMConfig(
-            n_types=2, iterations=4, init="labels", init_labels="-", adapter="full", holdout=True
+            n_types=2, max_iterations=4, init="labels", init_labels="-", adapter="full", holdout=True
         ),
-        beta=0.1,
+        loss=em_dpo.LossConfig(beta=0.1),
         train=TrainConfig(
             output_dir=str(tmp_path / "run"), epochs=3.0, batch_size=16, learning_rate=3e-3, progress=False
         ),
     )
     cfg.data.max_length, cfg.data.max_prompt_length = 64, 16
     cfg.model.name_or_path = "world:reviews-quick"  # what load_run rebuilds the reference from
-    run_dir = em_dpo.train(
-        cfg, records=records, base_model=base, tokenizer=tokenizer, true_types=truth, init_labels=noisy
-    )
+    run_dir = runner.run(
+        cfg, records=records, model=base, tokenizer=tokenizer, true_types=truth, init_labels=noisy
+    ).run_dir
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == cfg.em.iterations and lines[-1]["em/ari"] > max(0.5, start_ari + 0.2)
-    assert (run_dir / "gamma.csv").read_text().count("\n") == len(truth) + 1
-    assert sorted(json.loads((run_dir / "eta.json").read_text())) == ["type0", "type1"]
+    assert len(lines) == cfg.em.max_iterations and lines[-1]["em/ari"] > max(0.5, start_ari + 0.2)
+    assert (run_dir / "final" / "gamma.csv").read_text().count("\n") == len(truth) + 1
+    assert sorted(json.loads((run_dir / "final" / "eta.json").read_text())) == ["type0", "type1"]
     _, model, tok, adapters = em_dpo.load_run(run_dir)
     with model.disable_adapter():
         samples = generate_responses(model, tok, world.eval_prompts, n_per_prompt=8, seed=5)
@@ -363,7 +364,7 @@ def test_full_copies_train_every_type_keep_the_reference_and_round_trip(tmp_path
     ys = ["the food was great .", "the food was awful .", "the bill was okay ."]
     records = [_rec("review: the pizza place", ys, [u % 3, (u + 1) % 3], f"u{u}") for u in range(8)]
     cfg = em_dpo.Config(
-        em=em_dpo.EMConfig(n_types=2, iterations=1, init="labels", init_labels="-", adapter="full"),
+        em=em_dpo.EMConfig(n_types=2, max_iterations=1, init="labels", init_labels="-", adapter="full"),
         train=TrainConfig(output_dir="", max_steps=2, batch_size=8, learning_rate=1e-2, progress=False),
     )
     labels = {f"u{u}": u % 2 for u in range(8)}
@@ -399,8 +400,8 @@ def test_em_from_an_uninformed_start_recovers_opposite_types_at_scale():
     opposite directions on the true enthusiast reward (measured +0.61 / -0.57; the reference is ~0.09)."""
     import copy
 
-    from prefalign.lm.aggregate import cross_evaluation
-    from prefalign.lm.models import LoraSettings
+    from prefalign.core.models import LoraSettings
+    from prefalign.methods.em_dpo.aggregate import cross_evaluation
     from prefalign.worlds.reviews import TYPES, ReviewsWorld
 
     world = ReviewsWorld(seed=0, quick=True)
@@ -416,8 +417,8 @@ def test_em_from_an_uninformed_start_recovers_opposite_types_at_scale():
         seed=0,
     )
     cfg = em_dpo.Config(
-        em=em_dpo.EMConfig(n_types=2, iterations=3, init="whitened", adapter="full", holdout=True),
-        beta=0.1,
+        em=em_dpo.EMConfig(n_types=2, max_iterations=3, init="whitened", adapter="full", holdout=True),
+        loss=em_dpo.LossConfig(beta=0.1),
         train=TrainConfig(
             output_dir="", epochs=3.0, batch_size=16, learning_rate=3e-3, warmup_steps=5, progress=False
         ),

@@ -5,7 +5,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from prefalign.lm.logprobs import EncodedRecord, collate, encode_records, generate_responses, sequence_logps
+from prefalign.core.logprobs import EncodedRecord, collate, encode_records, generate_responses, sequence_logps
 
 torch.set_num_threads(1)
 
@@ -73,7 +73,7 @@ def test_eos_appended_once(tokenizer):
 def test_real_preference_record_and_empty_prompt(tokenizer):
     """data.PreferenceRecord encodes like the duck-typed record; an empty prompt starts from EOS
     (this tokenizer has no BOS) so the first response token is scored."""
-    from prefalign.data import PreferenceRecord
+    from prefalign.core.data import PreferenceRecord
 
     [encoded] = encode_records(tokenizer, [PreferenceRecord("", [" hello", " world"], [1], "ann-3", 0.5)])
     assert encoded.prompt_ids == [tokenizer.eos_token_id]
@@ -225,7 +225,7 @@ def test_generate_responses_left_padding_matches_one_by_one(tokenizer, model):
 def test_generation_stops_at_the_models_position_limit():
     """A prompt of 4 tokens and max_new_tokens=64 on a model with 16 positions: generation stops so that the
     response plus the EOS appended when scoring it fit in 16 positions (an IndexError before the cap)."""
-    from prefalign.data import PreferenceRecord
+    from prefalign.core.data import PreferenceRecord
     from prefalign.worlds.reviews import build_tokenizer
 
     tokenizer = build_tokenizer()

@@ -8,11 +8,14 @@ import weakref
 import pytest
 import torch
 
-from prefalign.config import ConfigError, build
-from prefalign.data import PreferenceRecord
-from prefalign.lm import mpo
-from prefalign.lm.mpo import mpo_listwise_loss, mpo_loss, regularization_nll
-from prefalign.losses import dpo_loss
+from prefalign import runner
+from prefalign.core import reference
+from prefalign.core.config import ConfigError, build
+from prefalign.core.data import PreferenceRecord
+from prefalign.core.logprobs import collate, encode_records, sequence_logps
+from prefalign.losses import dpo_loss, mpo_listwise_loss, mpo_loss, regularization_nll
+from prefalign.methods import dpo as dpo_recipe
+from prefalign.methods import mpo
 
 SIGMOID_2 = 1 / (1 + math.exp(-2))  # σ(2) = 0.8807970779...
 
@@ -169,6 +172,7 @@ def make_cfg(tmp_path, **mpo_settings):
     return build(
         mpo.Config,
         {
+            "model": {"name_or_path": "in-memory"},  # recorded only: the tests pass the policy
             "data": {"max_length": 32, "max_prompt_length": 8},
             "mpo": settings,
             "train": {
@@ -189,8 +193,6 @@ def test_step_is_one_forward_of_preference_plus_lambda_regularization(tokenizer)
     ℓ = log π/|y| (average_logps, the default),
     recomputed here from separate forwards over the pairs, the regularization and the extra samples; the
     step itself runs the model exactly once."""
-    from prefalign.lm.logprobs import collate, encode_records, sequence_logps
-
     model = tiny_model(tokenizer).eval()  # no dropout, so separate forwards compare
     pairs = encode_records(tokenizer, pair_records(3), max_length=32, max_prompt_length=8)
     reg = mpo.encode_samples(
@@ -203,7 +205,7 @@ def test_step_is_one_forward_of_preference_plus_lambda_regularization(tokenizer)
         mpo.DataConfig(),
     )
     extra = mpo.encode_samples(tokenizer, [("", "the bread was stale .")] * 3, mpo.DataConfig())
-    settings = mpo.MPOSettings(beta=0.5, lam=0.3, extra_weight=2.0, extra_text="unused.txt")
+    settings = mpo.LossConfig(beta=0.5, regularization_weight=0.3, extra_weight=2.0)
     calls = []
     handle = model.register_forward_hook(lambda *args: calls.append(1))
     loss, metrics = mpo.make_step(settings)(
@@ -228,8 +230,6 @@ def test_training_loads_and_runs_no_reference(tokenizer, tmp_path, monkeypatch):
     """During `train` every forward with gradients is the policy's, exactly one per optimizer step; the
     reference machinery of the DPO recipe is never called and no model is loaded. The regularization set is
     sampled once (no-grad forwards of the untouched policy) and stored as chunks in the run directory."""
-    import prefalign.lm.dpo as dpo_recipe
-    import prefalign.lm.reference as reference
 
     def forbidden(*args, **kwargs):
         raise AssertionError("MPO must not use a reference model")
@@ -238,6 +238,7 @@ def test_training_loads_and_runs_no_reference(tokenizer, tmp_path, monkeypatch):
         (reference, "live_reference"),
         (reference, "precompute_reference_logps"),
         (dpo_recipe, "prepare_reference"),
+        (reference, "prepare_reference"),
         (mpo, "load_policy"),
         (mpo, "load_base_model"),
     ]:
@@ -252,7 +253,7 @@ def test_training_loads_and_runs_no_reference(tokenizer, tmp_path, monkeypatch):
     handle = torch.nn.modules.module.register_module_forward_hook(hook)
     try:
         cfg = make_cfg(tmp_path)
-        run_dir = mpo.train(cfg, records=pair_records(), policy=policy, tokenizer=tokenizer)
+        run_dir = runner.run(cfg, records=pair_records(), model=policy, tokenizer=tokenizer).run_dir
     finally:
         handle.remove()
     with_grad = [model_id for model_id, grad in forwards if grad]
@@ -308,8 +309,7 @@ def test_resume_is_exact(tokenizer, tmp_path):
     def run(name, steps, policy):
         cfg = make_cfg(tmp_path / name)
         cfg.train.max_steps, cfg.train.save_every = steps, 2
-        mpo.train(cfg, records=records, policy=policy, tokenizer=tokenizer)
-        return policy
+        return runner.run(cfg, records=records, model=policy, tokenizer=tokenizer).model
 
     straight = run("a", 4, tiny_model(tokenizer))
     run("b", 2, tiny_model(tokenizer))
@@ -331,9 +331,9 @@ def test_extra_text_and_config_errors(tmp_path):
     good.write_text("the food was good .\n\nthe staff were rude .\n")
     assert mpo.load_extra_text(good) == [("", "the food was good ."), ("", "the staff were rude .")]
     with pytest.raises(ConfigError, match="extra_weight"):
-        build(mpo.Config, {"mpo": {"extra_weight": 0.5}})
-    with pytest.raises(ConfigError, match="mpo.beta"):
-        build(mpo.Config, {"mpo": {"beta": 0}})
+        build(mpo.Config, {"loss": {"extra_weight": 0.5}})
+    with pytest.raises(ConfigError, match="loss.beta"):
+        build(mpo.Config, {"loss": {"beta": 0}})
     data = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "configs", "mpo_reviews.yaml")))
     assert data.pop("method") == "mpo"
     build(mpo.Config, data)

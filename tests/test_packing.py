@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from prefalign.lm.logprobs import EncodedRecord, check_packing, collate, collate_packed, sequence_logps
+from prefalign.core.logprobs import EncodedRecord, check_packing, collate, collate_packed, sequence_logps
 
 torch.set_num_threads(1)
 V = 97
@@ -118,8 +118,9 @@ def test_check_packing_rejects_a_model_without_attention_interface():
 
 def test_dpo_recipe_same_losses_packed_or_padded(tmp_path):
     """The DPO recipe's logged losses do not depend on data.packing."""
-    from prefalign.data import PreferenceRecord
-    from prefalign.lm import dpo
+    from prefalign import runner
+    from prefalign.core.data import PreferenceRecord
+    from prefalign.methods import dpo
     from prefalign.worlds.reviews import build_tokenizer
 
     tokenizer = build_tokenizer()
@@ -149,7 +150,7 @@ def test_dpo_recipe_same_losses_packed_or_padded(tmp_path):
         cfg.train.output_dir = str(tmp_path / f"packing-{packing}")
         cfg.train.max_steps, cfg.train.batch_size, cfg.train.log_every = 4, 6, 1
         cfg.train.learning_rate, cfg.train.progress = 1e-2, False
-        dpo.train(cfg, records=data, eval_records=[], policy=GPT2LMHeadModel(config), tokenizer=tokenizer)
+        runner.run(cfg, records=data, eval_records=[], model=GPT2LMHeadModel(config), tokenizer=tokenizer)
         lines = (tmp_path / f"packing-{packing}" / "metrics.jsonl").read_text().splitlines()
         curves.append([json.loads(x)["loss"] for x in lines])
     assert len(curves[0]) == 4

@@ -9,11 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from prefalign.flow import pfm
+from prefalign import runner
+from prefalign.methods import pfm
 
 
-def small_config(steps=200, **kw) -> pfm.Config:
-    cfg = pfm.Config(hidden=64, depth=2, **kw)
+def small_config(steps=200, data="", **flow) -> pfm.Config:
+    cfg = pfm.Config(
+        model=pfm.FlowModelConfig(hidden=64, depth=2),
+        data=pfm.FlowDataConfig(train=data),
+        flow=pfm.FlowSettings(**flow),
+    )
     cfg.train = replace(cfg.train, output_dir="", max_steps=steps, batch_size=256, progress=False)
     return cfg
 
@@ -164,15 +169,15 @@ def test_recipe_writes_a_run_dir_that_improves_and_resumes(tmp_path):
     save_file({"chosen": chosen.numpy(), "rejected": rejected.numpy()}, str(tmp_path / "pairs.safetensors"))
     cfg = small_config(steps=200, data=str(tmp_path / "pairs.safetensors"))
     cfg.train = replace(cfg.train, output_dir=str(tmp_path / "run"), log_every=50)
-    run_dir = pfm.train(cfg)
+    run_dir = runner.run(cfg).run_dir
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "final/flow.safetensors"):
         assert (run_dir / name).is_file(), name
     flow = pfm.PreferenceFlow.load(run_dir / "final")
     assert first_coordinate(flow.improve(torch.randn(1000, 2))).mean() > 0.3
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["val_pairs"] == 100 and summary["val_loss"] is not None
+    assert summary["val_pairs"] == 100 and summary["eval"]["loss"] is not None
     cfg.train = replace(cfg.train, max_steps=250)  # resumes from the step-200 checkpoint
-    pfm.train(cfg)
+    runner.run(cfg)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-200", "step-250"]
 
 
@@ -187,7 +192,7 @@ def test_digits_pfm_beats_reference_on_the_held_out_evaluator():
     labels = torch.arange(10).repeat(150 if quick else 500)
     chosen, rejected, context = pfm.collect_pairs(world.generator, world.judge, labels)
     cfg = small_config(steps=300 if quick else 1500)
-    cfg.hidden = 128 if quick else 256
+    cfg.model.hidden = 128 if quick else 256
     flow = pfm.PreferenceFlow(cfg).fit(chosen, rejected, context)
     test = torch.arange(10).repeat(30)
     reference = world.generator(test, seed=99)

@@ -5,8 +5,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from prefalign.lm.logprobs import EncodedRecord, collate, sequence_logps
-from prefalign.lm.reference import live_reference, precompute_reference_logps, resolve_strategy
+from prefalign.core.logprobs import EncodedRecord, collate, sequence_logps
+from prefalign.core.reference import live_reference, precompute_reference_logps, resolve_strategy
 
 torch.set_num_threads(1)
 VOCAB, PAD = 50, 0
@@ -41,7 +41,7 @@ def test_resolve_strategy():
     assert resolve_strategy("auto", is_peft=False) == "precompute"
     assert resolve_strategy("adapter", is_peft=True) == "adapter"
     assert resolve_strategy("frozen", is_peft=True) == "frozen"
-    with pytest.raises(ValueError, match="needs a PEFT"):
+    with pytest.raises(ValueError, match="needs a LoRA policy"):
         resolve_strategy("adapter", is_peft=False)
     with pytest.raises(ValueError, match="'auto' or one of"):
         resolve_strategy("copy", is_peft=False)

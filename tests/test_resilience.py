@@ -12,17 +12,18 @@ import pytest
 import torch
 from torch import nn
 
-from prefalign.train import NonFiniteLossError, TrainConfig, checkpoints, fit
+from prefalign.core.train import NonFiniteLossError, TrainConfig, checkpoints, fit
 
 SCRIPT = textwrap.dedent(
     """
     import sys, time, torch
     from pathlib import Path
     from torch import nn
-    import prefalign.train as train
+    import prefalign.core.checkpoint as checkpoint
+    import prefalign.core.train as train
 
     run_dir, marker = Path(sys.argv[1]), Path(sys.argv[2])
-    real_save = train.save_file
+    real_save = checkpoint.save_file
 
     def slow_save(tensors, path):  # the weights of step 4 are half-way written when the kill comes
         real_save(tensors, path)
@@ -31,7 +32,7 @@ SCRIPT = textwrap.dedent(
             marker.write_text("writing")
             time.sleep(60)
 
-    train.save_file = slow_save
+    checkpoint.save_file = slow_save
     torch.manual_seed(0)
     data = [(torch.randn(4), torch.randn(())) for _ in range(32)]
     step = lambda m, b: (((m(b["x"]).squeeze(-1) - b["y"]) ** 2).mean(), {})
@@ -103,7 +104,7 @@ def test_non_finite_loss_keeps_last_good_checkpoint_loadable(tmp_path):
         learning_rate=0.05,
     )
     with pytest.raises(
-        NonFiniteLossError, match=r"non-finite loss at step 5 .*last good checkpoint: .*step-4"
+        NonFiniteLossError, match=r"non-finite loss at step 5\b.*last good checkpoint: .*step-4"
     ):
         fit(nn.Linear(4, 1), data, collate, exploding, cfg)
     assert [p.name for p in checkpoints(tmp_path)] == ["step-2", "step-4"]

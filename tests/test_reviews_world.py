@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from prefalign.lm.logprobs import generate_responses
+from prefalign.core import sources
+from prefalign.core.logprobs import generate_responses
 from prefalign.worlds import reviews as rv
 from prefalign.worlds import reviews_grammar as grammar
 
@@ -117,7 +118,7 @@ def test_reward_types_conflict_on_reference_samples(reference_samples):
 def test_reference_is_small_cached_and_speaks_the_language(world, reference_samples):
     model, tokenizer = world.reference()
     assert sum(p.numel() for p in model.parameters()) <= 2_000_000
-    path = rv.cache_root() / "reviews" / rv.reference_key(rv.QUICK_REFERENCE, 0)
+    path = sources.cache_root() / "reviews" / rv.reference_key(rv.QUICK_REFERENCE, 0)
     assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".tmp-")]
     assert rv.reference_key(rv.QUICK_REFERENCE, 0) != rv.reference_key(rv.ReferenceConfig(), 0)
@@ -245,7 +246,7 @@ def test_a_more_positive_policy_scores_higher_with_positive_kl(world):
 
 def test_preference_data_always_passes_validation(world, tmp_path):
     """Saved world data loads through data.py: no empty or repeated candidates (they are redrawn)."""
-    from prefalign.data import load_preferences, save_jsonl
+    from prefalign.core.data import load_preferences, save_jsonl
 
     records, _ = world.preference_data(world.train_prompts * 6, "enthusiast", n_responses=3, seed=3)
     assert all(r.strip() for rec in records for r in rec.responses)

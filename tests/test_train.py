@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from prefalign.train import NonFiniteLossError, TrainConfig, checkpoints, fit
+from prefalign.core.train import NonFiniteLossError, TrainConfig, checkpoints, fit
 
 
 class Noisy(nn.Module):
@@ -38,8 +38,17 @@ def mse_step(model, batch):
 
 
 def config(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), max_steps=12, batch_size=4, learning_rate=0.05, log_every=1,
-                warmup_steps=2, lr_scheduler="cosine", progress=False, save_every=4)
+    base = dict(
+        output_dir=str(tmp_path),
+        max_steps=12,
+        batch_size=4,
+        learning_rate=0.05,
+        log_every=1,
+        warmup_steps=2,
+        lr_scheduler="cosine",
+        progress=False,
+        save_every=4,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -91,10 +100,17 @@ def test_accumulation_matches_larger_batch(tmp_path):
         return mse_step(model, batch)
 
     torch.manual_seed(0)
-    a = fit(Noisy(), data, collate, det_step, config(tmp_path / "a", batch_size=8, shuffle=False, save_every=0))
+    a = fit(
+        Noisy(), data, collate, det_step, config(tmp_path / "a", batch_size=8, shuffle=False, save_every=0)
+    )
     torch.manual_seed(0)
-    b = fit(Noisy(), data, collate, det_step,
-            config(tmp_path / "b", batch_size=4, grad_accum=2, shuffle=False, save_every=0))
+    b = fit(
+        Noisy(),
+        data,
+        collate,
+        det_step,
+        config(tmp_path / "b", batch_size=4, grad_accum=2, shuffle=False, save_every=0),
+    )
     for pa, pb in zip(a.model.parameters(), b.model.parameters()):
         assert torch.allclose(pa, pb, atol=1e-5)
 

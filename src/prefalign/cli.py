@@ -1,14 +1,21 @@
-"""The `prefalign` command: train, demo, eval (and method-specific verbs)."""
+"""The `prefalign` command: train, demo, eval (and method-specific verbs). Every user error is one
+`error:` line and exit code 2."""
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from prefalign import __version__, runner
+from prefalign.core.errors import UserError
+from prefalign.methods import mpo
+from prefalign.methods.em_dpo.aggregate import aggregate_run
 
 app = typer.Typer(
     add_completion=False,
@@ -17,15 +24,7 @@ app = typer.Typer(
     help="Align generative models to preferences.",
 )
 
-# method name in a config's `method:` key -> module exposing Config and train(cfg)
-METHODS = {
-    "dpo": "prefalign.lm.dpo",
-    "mpo": "prefalign.lm.mpo",
-    "em_dpo": "prefalign.lm.em_dpo",
-    "pfm": "prefalign.flow.pfm",
-    "diffusion_dpo": "prefalign.diffusion.diffusion_dpo",
-    "sspo": "prefalign.diffusion.sspo",
-}
+METHODS = runner.METHODS
 # demo name -> module exposing run(out_dir, quick, seeds) -> summary
 DEMOS = {
     "dpo": "prefalign.demos.dpo",
@@ -41,35 +40,19 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from prefalign.config import ConfigError
-
-    errors: list[type[BaseException]] = [ConfigError]
-    try:
-        from prefalign.data import DataError
-
-        errors.append(DataError)
-    except ImportError:
-        pass
-    return tuple(errors)
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"prefalign {__version__}")
+        raise typer.Exit()
 
 
-def method_module(name: str):
-    if name not in METHODS:
-        _fail(f"unknown method '{name}'; choose one of: {', '.join(METHODS)}")
-    return importlib.import_module(METHODS[name])
-
-
-def load_method_config(path: Path, overrides: list[str] | None):
-    """Read CONFIG.yaml (+ --set overrides) into the method's Config; returns (module, cfg)."""
-    from prefalign.config import ConfigError, apply_overrides, build, load_yaml
-
-    data = apply_overrides(load_yaml(path), overrides)
-    method = data.pop("method", None)
-    if method is None:
-        raise ConfigError(f"{path}: missing 'method:' key (one of {', '.join(METHODS)})")
-    module = method_module(str(method))
-    return module, build(module.Config, data)
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+):
+    """Align generative models to preferences."""
 
 
 @app.command()
@@ -81,11 +64,10 @@ def train(
 ):
     """Train any method from a YAML config (`method: dpo|mpo|em_dpo|pfm|diffusion_dpo|sspo`)."""
     try:
-        module, cfg = load_method_config(config, set_)
-        run_dir = module.train(cfg)
-    except _user_errors() as e:
+        result = runner.run(runner.load_config(config, set_))
+    except UserError as e:
         _fail(str(e))
-    typer.echo(f"run directory: {run_dir}")
+    typer.echo(f"run directory: {result.run_dir}")
 
 
 @app.command()
@@ -108,7 +90,7 @@ def demo(
         module = importlib.import_module(DEMOS[demo_name])
         try:
             module.run(Path(out_dir), quick=quick, seeds=list(range(n_seeds)))
-        except _user_errors() as e:
+        except UserError as e:
             _fail(str(e))
         typer.echo(
             f"{demo_name}: report {Path(out_dir) / 'report.md'}, summary {Path(out_dir) / 'summary.json'}"
@@ -117,21 +99,10 @@ def demo(
 
 @app.command("eval")
 def eval_(run_dir: Annotated[Path, typer.Argument(help="a run directory written by `prefalign train`")]):
-    """Evaluate a trained run (ground truth in a world, or the run's judge) and print the numbers."""
-    import json
-
-    from prefalign.config import ConfigError, load_yaml
-
+    """Evaluate a trained run (held-out data; ground truth in a world) -> RUN_DIR/eval.json, printed."""
     try:
-        cfg_path = run_dir / "config.yaml"
-        if not cfg_path.is_file():
-            raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
-        method = load_yaml(cfg_path).get("method")
-        module = method_module(str(method))
-        if not hasattr(module, "evaluate_run"):
-            raise ConfigError(f"method '{method}' has no evaluation")
-        result = module.evaluate_run(run_dir)
-    except _user_errors() as e:
+        result = runner.evaluate(run_dir)
+    except UserError as e:
         _fail(str(e))
     typer.echo(json.dumps(result, indent=2, default=float))
 
@@ -139,15 +110,17 @@ def eval_(run_dir: Annotated[Path, typer.Argument(help="a run directory written 
 @app.command("mpo-regdata")
 def mpo_regdata(
     config: Annotated[Path, typer.Argument(help="an MPO recipe (method: mpo)")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override: key.sub=value (repeatable)")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override: key.sub=value (repeatable)")
+    ] = None,
 ):
     """Sample the reference once on the training prompts: MPO's regularization set (resumable)."""
     try:
-        module, cfg = load_method_config(config, set_)
-        if module.__name__ != METHODS["mpo"]:
+        cfg = runner.load_config(config, set_)
+        if cfg.method != "mpo":
             _fail(f"{config}: mpo-regdata needs a config with method: mpo")
-        path = module.make_regularization_data(cfg)
-    except _user_errors() as e:
+        path = mpo.make_regularization_data(cfg)
+    except UserError as e:
         _fail(str(e))
     typer.echo(f"regularization data: {path}")
 
@@ -160,17 +133,10 @@ def aggregate(
     solver: Annotated[str, typer.Option(help="omw (optimistic multiplicative weights) or lp")] = "omw",
 ):
     """Min-max-regret aggregation of an EM-DPO mixture into one fair policy (RUN_DIR/mixture)."""
-    import json
-
-    from prefalign.lm.aggregate import aggregate_run
-
     try:
-        if not (run_dir / "config.yaml").is_file():
-            from prefalign.config import ConfigError
-
-            raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+        runner.config_of(run_dir)
         result = aggregate_run(run_dir, n_prompts=prompts, n_samples=samples, solver=solver)
-    except _user_errors() as e:
+    except UserError as e:
         _fail(str(e))
     typer.echo(json.dumps(result, indent=2, default=float))
 

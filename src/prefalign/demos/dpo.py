@@ -6,10 +6,12 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from prefalign.config import build
-from prefalign.data import save_jsonl
-from prefalign.evaluate import markdown_table, mean_std, plot_lines, read_metrics, write_report, write_summary
-from prefalign.lm import dpo
+from prefalign import runner
+from prefalign.core.config import build
+from prefalign.core.data import save_jsonl
+from prefalign.core.report import markdown_table, mean_std, plot_lines, write_report, write_summary
+from prefalign.methods import dpo
+from prefalign.worlds.reviews import ReviewsWorld
 
 TARGET = "enthusiast"
 ANNOTATOR_TEMPERATURE = (
@@ -75,18 +77,16 @@ def train_one(world, reference, tokenizer, records, method: str, out_dir: Path, 
     def evaluate_fn(model):
         return world_metrics(world, model, reference, s["eval_samples"], seed)
 
-    policy = copy.deepcopy(reference)
-    dpo.train(
-        cfg, records=records, eval_records=[], policy=policy, tokenizer=tokenizer, evaluate_fn=evaluate_fn
-    )
-    curve = [r for r in read_metrics(out_dir) if "eval/kl" in r]
-    final = world_metrics(world, policy, reference, s["final_samples"], seed + 1000)
+    result = runner.run(
+        cfg, records=records, eval_records=[], model=copy.deepcopy(reference), tokenizer=tokenizer,
+        evaluate_fn=evaluate_fn,
+    )  # fmt: skip
+    curve = [r for r in result.history if "eval/kl" in r]
+    final = world_metrics(world, result.model, reference, s["final_samples"], seed + 1000)
     return {**final, "curve": curve}
 
 
 def run(out_dir: Path, quick: bool = False, seeds: list[int] | None = None) -> dict:
-    from prefalign.worlds.reviews import ReviewsWorld
-
     seeds = seeds or [0]
     s = settings(quick)
     out_dir = Path(out_dir)

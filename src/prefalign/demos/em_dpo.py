@@ -14,15 +14,22 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import torch
 from scipy.optimize import linear_sum_assignment
+from sklearn.metrics import adjusted_rand_score
 
-from prefalign.config import build
-from prefalign.evaluate import markdown_table, mean_std, plot_bars, plot_lines, write_report, write_summary
-from prefalign.lm import dpo, em_dpo
-from prefalign.lm.aggregate import cross_evaluation, implicit_rewards, min_max_regret
-from prefalign.train import write_config
+from prefalign import runner
+from prefalign.core.config import build
+from prefalign.core.logprobs import generate_responses
+from prefalign.core.report import markdown_table, mean_std, plot_bars, plot_lines, write_report, write_summary
+from prefalign.losses.lm import ranking_log_likelihood
+from prefalign.methods import dpo
+from prefalign.methods.em_dpo import em as em_dpo
+from prefalign.methods.em_dpo.aggregate import cross_evaluation, implicit_rewards, min_max_regret
+from prefalign.worlds.reviews import TYPES, ReviewsWorld, true_reward
 
 OPPOSITE = {"enthusiast": 0.5, "critic": 0.5}
 UNEQUAL = {"enthusiast": 0.6, "concise": 0.3, "critic": 0.1}
@@ -57,14 +64,14 @@ def em_config(out_dir, K, iterations, seed, init=INIT, quick=False) -> em_dpo.Co
             # full copies: on this 117K-parameter model LoRA DPO learns a much weaker reward (docs/em_dpo.md)
             "em": {
                 "n_types": K,
-                "iterations": iterations,
+                "max_iterations": iterations,
                 "m_step": "stochastic",
                 "init": init,
                 "adapter": "full",
                 # score each annotator on the records not just fitted (full copies overfit their own annotators)
                 "holdout": True,
             },
-            "beta": BETA,
+            "loss": {"beta": BETA},
             "train": {
                 "output_dir": str(out_dir),
                 "seed": seed,
@@ -82,12 +89,6 @@ def em_config(out_dir, K, iterations, seed, init=INIT, quick=False) -> em_dpo.Co
 def oracle_ceiling(records, types: dict, population: dict, temperature: float) -> dict:
     """Bayes classification of each annotator's type with the TRUE rewards (prior = population): the ceiling
     any EM can reach on this data. -> {accuracy, ari}."""
-    import torch
-    from sklearn.metrics import adjusted_rand_score
-
-    from prefalign.lm.dpo_losses import ranking_log_likelihood
-    from prefalign.worlds.reviews import true_reward
-
     names, index = em_dpo.annotator_index(records)
     n = max(len(r.responses) for r in records)
     pad = lambda row, fill: list(row) + [fill] * (n - len(row))  # noqa: E731
@@ -115,9 +116,6 @@ def oracle_ceiling(records, types: dict, population: dict, temperature: float) -
 
 def heldout_reward_match(result, tokenizer, world, true_types: list[str], seed: int) -> dict:
     """Correlation of each recovered type's implicit reward with each true reward on held-out reference samples."""
-    from prefalign.lm.logprobs import generate_responses
-    from prefalign.worlds.reviews import true_reward
-
     reference = result.model
     with reference.disable_adapter():
         samples = generate_responses(
@@ -133,9 +131,15 @@ def heldout_reward_match(result, tokenizer, world, true_types: list[str], seed: 
     return {"corr": corr, "match": dict(zip(rows.tolist(), cols.tolist()))}
 
 
-def identifiability(world, base, tokenizer, n_responses: int, seed: int, s: dict, out_dir: Path) -> dict:
-    from prefalign.worlds.reviews import true_reward
+def train_em(cfg, records, base, tokenizer, types):
+    """EM-DPO through the runner -> an EMResult-like view (model, adapters, eta, history)."""
+    res = runner.run(cfg, records=records, model=copy.deepcopy(base), tokenizer=tokenizer, true_types=types)
+    adapters = [f"type{k}" for k in range(cfg.em.n_types)]
+    return SimpleNamespace(model=res.model, adapters=adapters, eta=np.array(res.summary["type_weights"]),
+                           history=[h for h in res.history if "iteration" in h])  # fmt: skip
 
+
+def identifiability(world, base, tokenizer, n_responses: int, seed: int, s: dict, out_dir: Path) -> dict:
     records, types = world.preference_data(
         world.train_prompts * (s["annotators"] // len(world.train_prompts) + 1),
         OPPOSITE,
@@ -148,7 +152,7 @@ def identifiability(world, base, tokenizer, n_responses: int, seed: int, s: dict
     types = {r.annotator: types[r.annotator] for r in records}
     oracle = oracle_ceiling(records, types, OPPOSITE, TEMPERATURE)
     cfg = em_config(out_dir, 2, s["iterations"], seed, quick=s["quick"])
-    result = em_dpo.run_em(cfg, records, copy.deepcopy(base), tokenizer, true_types=types)
+    result = train_em(cfg, records, base, tokenizer, types)
     match = heldout_reward_match(result, tokenizer, world, list(OPPOSITE), seed)
     corr = match["corr"]
     eta = result.eta
@@ -182,8 +186,6 @@ def identifiability(world, base, tokenizer, n_responses: int, seed: int, s: dict
 
 
 def fairness(world, base, tokenizer, seed: int, s: dict, out_dir: Path) -> dict:
-    from prefalign.worlds.reviews import TYPES
-
     n = s["fair_annotators"]
     prompts = world.train_prompts * (n * s["per_annotator"] // len(world.train_prompts) + 1)
     records, types = world.preference_data(
@@ -196,9 +198,9 @@ def fairness(world, base, tokenizer, seed: int, s: dict, out_dir: Path) -> dict:
     )
     oracle = oracle_ceiling(records, types, UNEQUAL, TEMPERATURE)
     cfg = em_config(out_dir / "em", 3, s["iterations"], seed, quick=s["quick"])
-    result = em_dpo.run_em(cfg, records, copy.deepcopy(base), tokenizer, true_types=types)
-    write_config(cfg.train.output_dir, cfg)  # a run directory `prefalign aggregate` accepts
-    em_dpo.save_result(cfg.train.output_dir, result, records)
+    result = train_em(
+        cfg, records, base, tokenizer, types
+    )  # its run directory is one `prefalign aggregate` takes
     model, adapters = result.model, result.adapters
     names = list(UNEQUAL)
     reward_fns = [lambda x, y, f=TYPES[t]: f(y) for t in names]
@@ -245,8 +247,10 @@ def fairness(world, base, tokenizer, seed: int, s: dict, out_dir: Path) -> dict:
             },
         },
     )
-    pooled = copy.deepcopy(base)  # full fine-tuning, like the EM type copies
-    dpo.train(pooled_cfg, records=records, eval_records=[], policy=pooled, tokenizer=tokenizer)
+    # full fine-tuning, like the EM type copies
+    pooled = runner.run(
+        pooled_cfg, records=records, eval_records=[], model=copy.deepcopy(base), tokenizer=tokenizer
+    ).model
     pooled = em_dpo.TypeCopies(pooled, ["type0"])  # adapter interface for cross_evaluation
     P, _ = cross_evaluation(
         pooled,
@@ -291,8 +295,6 @@ def fairness(world, base, tokenizer, seed: int, s: dict, out_dir: Path) -> dict:
 
 
 def run(out_dir: Path, quick: bool = False, seeds: list[int] | None = None) -> dict:
-    from prefalign.worlds.reviews import ReviewsWorld
-
     seeds, s, out_dir = seeds or [0], settings(quick), Path(out_dir)
     world = ReviewsWorld(seed=0, quick=quick)
     base, tokenizer = world.reference()

@@ -14,15 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
-from prefalign.config import build
-from prefalign.data import save_jsonl
+from prefalign import runner
+from prefalign.core.config import build
+from prefalign.core.data import save_jsonl
+from prefalign.core.report import markdown_table, mean_std, plot_lines, write_report, write_summary
 from prefalign.demos import dpo as dpo_demo
-from prefalign.evaluate import markdown_table, mean_std, plot_lines, read_metrics, write_report, write_summary
-from prefalign.lm import mpo
+from prefalign.methods import mpo
+from prefalign.worlds.reviews import ReviewsWorld
 
 TARGET = dpo_demo.TARGET
 METHODS = ("dpo", "ipo", "mpo")  # dpo/ipo: the DPO demo's settings (β = 0.1); mpo: below
-MPO = {"beta": 1.0, "lam": 1.0, "average_logps": True, "samples_per_prompt": 16, "max_new_tokens": 48}
+MPO_LOSS = {"name": "mpo", "beta": 1.0, "regularization_weight": 1.0, "average_logps": True}
+MPO = {"samples_per_prompt": 16, "max_new_tokens": 48}
 KEYS = ("true_reward", "kl", "win_rate")
 
 
@@ -33,6 +36,7 @@ def train_mpo(world, reference, tokenizer, records, out_dir: Path, seed: int, s:
         {
             "model": {"name_or_path": s["model"]},
             "data": {"max_length": 64, "max_prompt_length": 16},
+            "loss": MPO_LOSS,
             "mpo": MPO,
             "train": dpo_demo.train_settings(out_dir, seed, s),
         },
@@ -42,15 +46,13 @@ def train_mpo(world, reference, tokenizer, records, out_dir: Path, seed: int, s:
     def evaluate_fn(model):
         return dpo_demo.world_metrics(world, model, reference, s["eval_samples"], seed)
 
-    mpo.train(cfg, records=records, policy=policy, tokenizer=tokenizer, evaluate_fn=evaluate_fn)
-    curve = [r for r in read_metrics(out_dir) if "eval/kl" in r]
-    final = dpo_demo.world_metrics(world, policy, reference, s["final_samples"], seed + 1000)
+    result = runner.run(cfg, records=records, model=policy, tokenizer=tokenizer, evaluate_fn=evaluate_fn)
+    curve = [r for r in result.history if "eval/kl" in r]
+    final = dpo_demo.world_metrics(world, result.model, reference, s["final_samples"], seed + 1000)
     return {**final, "curve": curve}
 
 
 def run(out_dir: Path, quick: bool = False, seeds: list[int] | None = None) -> dict:
-    from prefalign.worlds.reviews import ReviewsWorld
-
     seeds = seeds or [0]
     s = dpo_demo.settings(quick)
     out_dir = Path(out_dir)
@@ -136,7 +138,7 @@ def write_outputs(
         "quick": quick,
         "n_train_pairs": n_records,
         "preferences": "deterministic",
-        "mpo_settings": MPO,
+        "mpo_settings": {**MPO_LOSS, **MPO},
         "dpo_ipo_beta": 0.1,
     }
     rows = []

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from prefalign.evaluate import markdown_table, mean_std, plot_bars, write_report, write_summary
-from prefalign.flow.pfm import Config, improve_with, recollect
+from prefalign.core.report import markdown_table, mean_std, plot_bars, write_report, write_summary
+from prefalign.methods.pfm import Config, FlowModelConfig, FlowSettings, improve_with, recollect
 from prefalign.worlds import digits, toy2d
 
 ROWS = ["reference", "best_of_2", "best_of_4", "pfm", "pfm_recollect_2", "pfm_reapply_2"]
@@ -31,7 +31,10 @@ def settings(quick: bool) -> dict:
 
 
 def flow_config(seed: int, steps: int, hidden: int) -> Config:
-    cfg = Config(hidden=hidden, depth=3, sigma=0.05, solver="midpoint", solver_steps=8)
+    cfg = Config(
+        model=FlowModelConfig(hidden=hidden, depth=3),
+        flow=FlowSettings(sigma=0.05, solver="midpoint", solver_steps=8),
+    )
     cfg.train = replace(
         cfg.train, output_dir="", seed=seed, max_steps=steps, batch_size=256, learning_rate=1e-3
     )

@@ -15,25 +15,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prefalign.config import build
-from prefalign.diffusion import common, diffusion_dpo, sspo
-from prefalign.evaluate import (
-    markdown_table,
-    mean_std,
-    plot_bars,
-    plot_lines,
-    read_metrics,
-    write_report,
-    write_summary,
-)
+from prefalign import runner
+from prefalign.core.config import build
+from prefalign.core.report import markdown_table, mean_std, plot_bars, plot_lines, write_report, write_summary
+from prefalign.methods import diffusion_dpo, sspo
 from prefalign.worlds.digits import make_world, save_grid
+from prefalign.worlds.digits_ddpm import judge_labelled_pairs, load_digits_ddpm, sample_digits
 
 ROWS = ["base", "sft", "diffusion_dpo", "sspo", "sspo_initial", "sspo_latest", "sspo_no_ssr"]
 SSPO_VARIANTS = {  # row -> SSPO config overrides
     "sspo": {},
-    "sspo_initial": {"bank": {"draw": "initial"}},
-    "sspo_latest": {"bank": {"draw": "latest"}},
-    "sspo_no_ssr": {"ssr": "none"},
+    "sspo_initial": {"sspo": {"bank": {"draw": "initial"}}},
+    "sspo_latest": {"sspo": {"bank": {"draw": "latest"}}},
+    "sspo_no_ssr": {"loss": {"ssr": "none"}},
 }
 
 
@@ -58,16 +52,14 @@ def evaluate(unet, scheduler, s: dict, seed: int) -> tuple[dict, torch.Tensor]:
     labels = torch.arange(10).repeat(
         s["eval_per_class"]
     )  # the first 100 samples: a 10x10 grid, column = class
-    x = common.sample_digits(unet, scheduler, labels, steps=s["eval_steps"], seed=10_000 + seed)
+    x = sample_digits(unet, scheduler, labels, steps=s["eval_steps"], seed=10_000 + seed)
     return {"score": float(world.score(x, labels).mean()), "diversity": world.diversity(x, labels)}, x
 
 
 def run_seed(seed: int, s: dict, out_dir: Path, quick: bool) -> dict:
     seed_dir = out_dir / f"seed-{seed}"
-    unet, scheduler = common.load_digits_ddpm(quick=quick)
-    pairs = common.judge_labelled_pairs(
-        unet, scheduler, s["n_pairs"], steps=s["pair_sample_steps"], seed=seed
-    )
+    unet, scheduler = load_digits_ddpm(quick=quick)
+    pairs = judge_labelled_pairs(unet, scheduler, s["n_pairs"], steps=s["pair_sample_steps"], seed=seed)
     seed_dir.mkdir(parents=True, exist_ok=True)
     np.savez(seed_dir / "pairs.npz", **pairs)
     train = {
@@ -80,34 +72,37 @@ def run_seed(seed: int, s: dict, out_dir: Path, quick: bool) -> dict:
         "resume": False,
         "progress": True,
     }
-    model = {"base": "digits-quick" if quick else "digits"}
-    data = str(seed_dir / "pairs.npz")
+    model = {"name_or_path": "world:digits-quick" if quick else "world:digits"}
+    data = {"train": str(seed_dir / "pairs.npz")}
     results, samples, flips = {}, {}, {}
     results["base"], samples["base"] = evaluate(unet, scheduler, s, seed)
     runs = {
-        "sft": (sspo, {"data": {"path": data}, "objective": "sft"}),
-        "diffusion_dpo": (diffusion_dpo, {"data": {"path": data}, "beta": s["beta"]}),
+        "sft": (sspo, {"data": data, "loss": {"name": "sft"}}),
+        "diffusion_dpo": (diffusion_dpo, {"data": data, "loss": {"beta": s["beta"]}}),
     }
     for row, overrides in SSPO_VARIANTS.items():
         cfg = {
-            "data": {"path": data},
-            "beta": s["beta"],
-            "reference_sample": {"steps": s["ref_sample_steps"]},
-            "bank": {"size": s["bank_size"], "save_every": s["save_every"]},
+            "data": data,
+            "loss": {"beta": s["beta"]},
+            "sspo": {
+                "reference_sample": {"steps": s["ref_sample_steps"]},
+                "bank": {"size": s["bank_size"], "save_every": s["save_every"]},
+            },
         }
-        for key, value in overrides.items():
-            cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+        for key, value in overrides.items():  # two levels deep: sspo.bank.draw, loss.ssr
+            for sub, item in value.items():
+                cfg[key][sub] = {**cfg[key].get(sub, {}), **item} if isinstance(item, dict) else item
         runs[row] = (sspo, cfg)
     for row, (module, cfg) in runs.items():
         start = time.time()
         config = build(
             module.Config, {"model": model, **cfg, "train": {**train, "output_dir": str(seed_dir / row)}}
         )
-        run_dir = module.train(config)
-        trained, _ = common.load_final(run_dir)
+        result = runner.run(config)
+        trained = result.model.eval()
         results[row], samples[row] = evaluate(trained, scheduler, s, seed)
         results[row]["train_s"] = round(time.time() - start, 1)
-        history = [r for r in read_metrics(run_dir) if "sspo/flip_rate" in r]
+        history = [r for r in result.history if "sspo/flip_rate" in r]
         if history:
             flips[row] = ([r["step"] for r in history], [r["sspo/flip_rate"] for r in history])
     results["judge_winner_score"] = float(np.mean(pairs["judge_chosen"]))
@@ -119,7 +114,7 @@ def run(out_dir: Path, quick: bool = False, seeds: list[int] | None = None) -> d
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     s, start = settings(quick), time.time()
-    common.load_digits_ddpm(quick=quick)  # train (or load) the base once before timing the methods
+    load_digits_ddpm(quick=quick)  # train (or load) the base once before timing the methods
     per_seed = [run_seed(seed, s, out_dir, quick) for seed in seeds]
     rows = {
         r: {m: mean_std([p["results"][r][m] for p in per_seed]) for m in ("score", "diversity")} for r in ROWS

@@ -22,6 +22,8 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
 
+from prefalign.core.report import pyplot
+
 SPLIT_FRACTIONS = {"train": 0.4, "judge": 0.3, "eval": 0.3}
 
 
@@ -154,8 +156,6 @@ def diversity(samples: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> flo
 
 def save_grid(path: str | Path, samples: torch.Tensor, nrow: int = 10, scale: int = 4) -> Path:
     """Write samples as a grayscale PNG grid, `nrow` images per row, each pixel `scale`x`scale`."""
-    from prefalign.evaluate import pyplot
-
     plt = pyplot()
     x = torch.as_tensor(_flat(samples)).reshape(-1, 8, 8).clamp(0, 1)
     rows = -(-len(x) // nrow)

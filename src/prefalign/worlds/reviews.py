@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from prefalign.core import sources
+from prefalign.core.data import PreferenceRecord
+from prefalign.core.logprobs import collate, encode_records, generate_responses, sequence_logps
 from prefalign.worlds import reviews_grammar as grammar
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
@@ -146,10 +148,6 @@ def train_reference(cfg: ReferenceConfig, seed: int = 0, progress: bool = True):
     return model.eval(), tokenizer
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("PREFALIGN_CACHE") or Path.home() / ".cache" / "prefalign")
-
-
 def reference_key(cfg: ReferenceConfig, seed: int) -> str:
     blob = json.dumps(
         # "sft": bump when train_reference changes (v2: single-threaded, reproducible across machines)
@@ -166,7 +164,7 @@ def load_reference(seed: int = 0, quick: bool = False, cfg: ReferenceConfig | No
     interrupted run never leaves a half-written model behind.
     """
     cfg = cfg or (QUICK_REFERENCE if quick else ReferenceConfig())
-    path = cache_root() / "reviews" / reference_key(cfg, seed)
+    path = sources.cache_root() / "reviews" / reference_key(cfg, seed)
     if not path.is_dir():
         model, tokenizer = train_reference(cfg, seed, progress)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -259,7 +257,6 @@ def sample_candidates(model, tokenizer, prompts, n_responses, max_new_tokens, se
     """n distinct, non-empty reference samples per prompt: the records then pass `data.py`'s validation
     (an empty or repeated response is a data error there). Records with a bad draw are redrawn with a
     derived seed, so the result stays a deterministic function of `seed`."""
-    from prefalign.lm.logprobs import generate_responses
 
     def bad(responses):
         return any(not r.strip() for r in responses) or len(set(responses)) < len(responses)
@@ -308,8 +305,6 @@ def preference_data(
     possible). Annotator types: the population's proportions, exactly up to rounding. Rankings: Plackett-Luce
     over the type's true reward / `temperature` (lower = sharper); `ranking="top1"` keeps the top choice only.
     """
-    from prefalign.data import PreferenceRecord
-
     if ranking not in ("full", "top1"):
         raise ValueError(f"ranking must be 'full' or 'top1', got {ranking!r}")
     if n_responses < 2 or records_per_annotator < 1 or not temperature > 0:
@@ -342,9 +337,6 @@ def preference_data(
 @torch.no_grad()
 def _logps(model, tokenizer, prompts, samples, batch_records=16) -> np.ndarray:
     """Summed log p(sample + EOS | prompt) under `model`, [len(prompts), n_samples]."""
-    from prefalign.data import PreferenceRecord
-    from prefalign.lm.logprobs import collate, encode_records, sequence_logps
-
     records = [PreferenceRecord(p, s, list(range(len(s)))) for p, s in zip(prompts, samples)]
     was_training = model.training
     model.eval()
@@ -376,8 +368,6 @@ def evaluate_policy(
     win_rate: P(r(y_pi) > r(y_ref)) + P(tie) / 2 for target_type, all policy x reference pairs per prompt
     length: mean words of policy samples
     """
-    from prefalign.lm.logprobs import generate_responses
-
     policy_samples = generate_responses(
         policy, tokenizer, prompts, n_samples_per_prompt, max_new_tokens, seed=seed
     )
@@ -393,12 +383,20 @@ def evaluate_policy(
     r_policy = true_reward(target_type, flat_policy).reshape(shape)
     r_ref = true_reward(target_type, flat_ref).reshape(shape)
     diff = r_policy[:, :, None] - r_ref[:, None, :]
+    win_rates = {}
+    for name in TYPES:  # P(r(y_pi) > r(y_ref)) + P(tie) / 2 under every type's reward
+        d = (
+            true_reward(name, flat_policy).reshape(shape)[:, :, None]
+            - true_reward(name, flat_ref).reshape(shape)[:, None, :]
+        )
+        win_rates[name] = float((d > 0).mean() + 0.5 * (d == 0).mean())
     n_tokens = [len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in flat_policy]
     return {
         "true_reward": {name: float(true_reward(name, flat_policy).mean()) for name in TYPES},
         "reference_true_reward": {name: float(true_reward(name, flat_ref).mean()) for name in TYPES},
         "kl": float(log_ratio.mean()),
         "win_rate": float((diff > 0).mean() + 0.5 * (diff == 0).mean()),
+        "win_rate_by_type": win_rates,
         "length": float(np.mean([grammar.n_words(s) for s in flat_policy])),
         "truncated": float(np.mean([n >= max_new_tokens for n in n_tokens])),
         "target_type": target_type,
@@ -437,3 +435,20 @@ class ReviewsWorld:
         reference, tokenizer = (reference, build_tokenizer()) if reference is not None else self.reference()
         prompts = self.eval_prompts if prompts is None else prompts
         return evaluate_policy(policy, reference, tokenizer, prompts, **{"seed": self.seed, **kwargs})
+
+
+def evaluate_against_reference(policy, reference, n_samples_per_prompt: int = 32, seed: int = 0) -> dict:
+    """The world's ground truth for `prefalign eval`: every type's true reward and win rate against the
+    reference on the held-out prompts, and KL(π‖π_ref)."""
+    m = ReviewsWorld(seed=seed).evaluate(policy, reference, n_samples_per_prompt=n_samples_per_prompt)
+    out = {f"true_reward/{t}": v for t, v in m["true_reward"].items()}
+    out.update({f"reference_true_reward/{t}": v for t, v in m["reference_true_reward"].items()})
+    out.update({f"win_rate/{t}": v for t, v in m["win_rate_by_type"].items()})
+    out["kl"] = m["kl"]
+    return out
+
+
+sources.register("world:reviews", "causal_lm", lambda: load_reference(0, quick=False), evaluate_against_reference,
+                 "the reviews world's SFT reference policy (tiny GPT-2, trained once, cached)")  # fmt: skip
+sources.register("world:reviews-quick", "causal_lm", lambda: load_reference(0, quick=True), evaluate_against_reference,
+                 "a shorter-trained reviews reference, for tests and quick demos")  # fmt: skip

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from prefalign.core.report import pyplot, save_figure
+
 CENTERS = torch.tensor([[1.5, 1.0], [-1.5, 1.0]])
 
 
@@ -34,7 +36,7 @@ def best_of(n: int, k: int, seed: int | None = None) -> torch.Tensor:
 
 def wasserstein(a: torch.Tensor, b: torch.Tensor) -> float:
     """Exact 2-Wasserstein distance between two empirical samples (uniform weights; POT's network simplex)."""
-    import ot
+    import ot  # lazy: POT only for this distance
 
     cost = torch.cdist(a.double(), b.double()).pow(2).numpy()
     return float(ot.emd2(ot.unif(len(a)), ot.unif(len(b)), cost, numItermax=1_000_000)) ** 0.5
@@ -42,8 +44,6 @@ def wasserstein(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def plot(path: str | Path, samples: dict[str, torch.Tensor], title: str = "") -> Path:
     """One scatter panel per named sample set, over reward contours."""
-    from prefalign.evaluate import pyplot, save_figure
-
     plt = pyplot()
     grid = torch.linspace(-4, 4, 121)
     xx, yy = torch.meshgrid(grid, grid, indexing="xy")

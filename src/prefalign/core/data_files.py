@@ -1,0 +1,173 @@
+"""Reading preference rows and vector arrays from files, saved/hub `datasets` and memory.
+
+Rows (`read_rows`) feed `data.load_preferences`, which validates them; arrays (`read_arrays`) are the vector
+data of PFM and the diffusion recipes (`chosen`, `rejected`, optional `context` in `.npz`/`.safetensors`).
+Every problem is a one-line `DataError` naming the source.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+from prefalign.core.errors import DataError
+
+FILE_TYPES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv")
+
+
+class RowError(DataError):
+    """A row-level problem raised before the source and row are known; `data._located` adds them."""
+
+    def __init__(self, field: str, reason: str, expected: str):
+        super().__init__(f"field '{field}': {expected}", field=field, reason=reason)
+        self.expected = expected
+
+
+def short_repr(value, limit: int = 80) -> str:
+    text = repr(value).replace("\n", "\\n")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_Bad, _short = RowError, short_repr
+
+
+def decode_csv_cells(row: dict) -> dict:
+    """CSV cells are strings: empty = absent, lists (responses, ranking, scores, chat messages) are JSON."""
+    out = {}
+    for key, value in row.items():
+        if not isinstance(value, str) or value == "":
+            continue
+        if key in ("responses", "ranking", "scores"):
+            try:
+                out[key] = json.loads(value)
+            except json.JSONDecodeError:
+                raise _Bad(key, "invalid JSON", f"expected a JSON list, got {_short(value)}") from None
+        elif key in ("prompt", "chosen", "rejected") and value.lstrip().startswith("["):
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError:
+                parsed = None
+            is_messages = isinstance(parsed, list) and parsed and all(isinstance(m, dict) for m in parsed)
+            out[key] = parsed if is_messages else value  # text that merely starts with "[" stays text
+        elif key == "weight":
+            try:
+                out[key] = float(value)
+            except ValueError:
+                raise _Bad("weight", "bad weight", f"expected a number > 0, got {_short(value)}") from None
+        else:
+            out[key] = value
+    return out
+
+
+def _read_json(path: Path, name: str) -> list:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start})", source=name) from None
+    if path.suffix in (".jsonl", ".ndjson"):
+        rows = []
+        for line in (line for line in text.splitlines() if line.strip()):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                rows.append(_Bad("row", "invalid JSON", f"not valid JSON ({e.msg} at column {e.colno})"))
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{name}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        return data["data"]
+    if not isinstance(data, list):
+        raise DataError(f'{name}: expected a list of objects or {{"data": [...]}}, got {type(data).__name__}')
+    return data
+
+
+def _read_file(path: Path, name: str) -> list:
+    suffix = path.suffix.lower()
+    if suffix not in FILE_TYPES:
+        raise DataError(f"{name}: unsupported file type '{suffix}'; expected {', '.join(FILE_TYPES)}, a dir")
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        return _read_json(path, name)
+    if suffix == ".parquet":
+        import pyarrow.parquet  # lazy, like pandas and datasets below: loaded only for that kind of source
+
+        try:
+            return pyarrow.parquet.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises several types for corrupt files
+            raise DataError(f"{name}: not a readable parquet file ({e})", source=name) from None
+    import pandas
+
+    try:  # every cell as a string: no NaN for empty cells, no int/float guessing
+        return pandas.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
+    except pandas.errors.EmptyDataError:
+        return []
+    except (pandas.errors.ParserError, UnicodeDecodeError) as e:
+        raise DataError(f"{name}: not a readable CSV file ({str(e).strip()})", source=name) from None
+
+
+def _dataset_rows(dataset, split: str, name: str) -> list:
+    import datasets
+
+    if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise DataError(f"{name}: no split '{split}' (available: {', '.join(dataset.keys())})")
+        dataset = dataset[split]
+    return dataset.to_list()
+
+
+def _looks_like_hub_name(text: str) -> bool:
+    if text.startswith("hf://"):
+        return True
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and Path(text).suffix.lower() not in FILE_TYPES
+
+
+def read_rows(source, split: str) -> tuple[str, list]:
+    if isinstance(source, (list, tuple)):
+        return "<list>", [
+            r.to_dict() if hasattr(r, "to_dict") else r for r in source
+        ]  # PreferenceRecords too
+    datasets = sys.modules.get("datasets")  # an in-memory Dataset means the library is already imported
+    if datasets is not None and isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
+        return "<Dataset>", _dataset_rows(source, split, "<Dataset>")
+    if not isinstance(source, (str, Path)):
+        raise DataError(f"unsupported source {type(source).__name__}; expected a path, name, list or Dataset")
+    path, name = Path(source), str(source)
+    if path.is_dir():
+        import datasets
+
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except FileNotFoundError as e:
+            raise DataError(f"{name}: a directory not written by datasets' save_to_disk ({e})") from None
+        return name, _dataset_rows(loaded, split, name)
+    if path.is_file():
+        return name, _read_file(path, name)
+    if isinstance(source, str) and _looks_like_hub_name(source):
+        import datasets
+
+        hub_name = source.removeprefix("hf://")
+        try:
+            return source, _dataset_rows(datasets.load_dataset(hub_name, split=split), split, source)
+        except Exception as e:  # network, missing dataset, missing split: all end the same way for the user
+            raise DataError(f"{source}: no such local path, and loading from the hub failed: {e}") from None
+    raise DataError(f"file not found: {name}", source=name)
+
+
+def read_arrays(path, what: str = "data file") -> dict:
+    """Named arrays of a `.npz` (numpy, no pickles) or `.safetensors` (torch) file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}")
+    if path.suffix == ".npz":
+        import numpy as np
+
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    raise DataError(f"{path}: expected a .npz or .safetensors file")
