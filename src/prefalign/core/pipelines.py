@@ -210,9 +210,11 @@ def load_parts(model: DiffusionModelConfig | str, key: str = "model.name_or_path
             parts = DiffusionParts(*_unet_folder(Path(name).expanduser()))
         else:
             parts = _load_pipeline(name, index, model, key)
-    parts.unet.to(torch.float32)
+    for module in [parts.unet, *parts.frozen_modules()]:
+        if any(p.dtype != torch.float32 for p in module.parameters()):  # e.g. variant fp16 weights
+            module.to(torch.float32)
     for module in parts.frozen_modules():
-        module.to(torch.float32).requires_grad_(False).eval()
+        module.requires_grad_(False).eval()
     return parts
 
 
