@@ -32,6 +32,7 @@ DEMOS = {
     "em-dpo": "prefalign.demos.em_dpo",
     "pfm": "prefalign.demos.pfm",
     "sspo": "prefalign.demos.sspo",
+    "diffusion": "prefalign.demos.diffusion",
 }
 
 

@@ -66,6 +66,7 @@ class DiffusionModelConfig:
     revision: str | None = None  # hub revision
     variant: str | None = None  # weight files variant, e.g. fp16 (loaded, then computed in float32)
     vae: str | None = None  # another VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, slower
     lora: LoraSettings = field(default_factory=LoraSettings)  # target_modules default: UNET_LORA_TARGETS
     reference: DiffusionReference = field(default_factory=DiffusionReference)
 
@@ -277,6 +278,10 @@ def load_base(cfg: DiffusionModelConfig, seed: int = 0) -> DiffusionParts:
     parts = load_parts(cfg)
     if cfg.lora.enabled:
         parts.unet = add_lora(parts.unet, cfg.lora, seed)
+    if cfg.gradient_checkpointing:
+        if not getattr(parts.unet, "_supports_gradient_checkpointing", False):
+            raise ConfigError(f"config key 'model.gradient_checkpointing': {type(parts.unet).__name__} does not support it")
+        parts.unet.enable_gradient_checkpointing()
     parts.unet.train()
     return parts
 
