@@ -157,3 +157,36 @@ def test_gradient_checkpointing_changes_memory_not_results(sd15, tmp_path):
         grads.append(parts.unet.conv_in.weight.grad.clone())
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-8)
+
+
+def test_datasets_folders_with_binary_or_image_columns(sd15, tmp_path):
+    """A `datasets` save_to_disk folder reads like the parquet: binary image columns, or an Image feature
+    (values come back as PIL images), with a `columns:` rename of the user's names."""
+    import datasets
+
+    rows = tiny_sd.pickapic_rows(4)
+    parts = pipelines.load_parts(str(sd15))
+    expected = images.load_image_data(tiny_sd.write_parquet(tmp_path / "p.parquet", rows), parts=parts)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "binary"))
+    renamed = [
+        {"prompt_text": r["caption"], "img_a": r["jpg_0"], "img_b": r["jpg_1"], "pref": r["label_0"]}
+        for r in rows
+    ]
+    features = datasets.Features({"prompt_text": datasets.Value("string"), "img_a": datasets.Image(),
+                                  "img_b": datasets.Image(), "pref": datasets.Value("float32")})  # fmt: skip
+    with_images = [
+        {**r, "img_a": {"bytes": r["img_a"], "path": None}, "img_b": {"bytes": r["img_b"], "path": None}}
+        for r in renamed
+    ]
+    datasets.Dataset.from_list(with_images, features=features).save_to_disk(str(tmp_path / "images"))
+    columns = {"prompt_text": "caption", "img_a": "jpg_0", "img_b": "jpg_1", "pref": "label_0"}
+    for folder, cols in (("binary", {}), ("images", columns)):
+        path = tmp_path / folder
+        data = images.load_image_data(
+            path, parts=parts, data=images.ImageDataConfig(train=str(path), columns=cols)
+        )
+        for i in range(len(rows)):
+            assert data[i]["caption"] == expected[i]["caption"]
+            assert torch.equal(data[i]["chosen"], expected[i]["chosen"]) and torch.equal(
+                data[i]["rejected"], expected[i]["rejected"]
+            )

@@ -376,21 +376,16 @@ def test_snapshot_age_counts_updates_since_the_drawn_snapshot(tmp_path):
     """draw = latest with a snapshot every update: the drawn snapshot IS the current model, age 0 at every
     step; draw = initial: the age is the number of updates done before the step (0, 1, 2, ...)."""
     base, data = tiny_base(tmp_path)
-    latest = sspo_run(
-        tmp_path,
-        "latest",
-        base,
-        data,
-        bank={"save_every": 1, "size": 5, "draw": "latest"},
-        reference_sample={"steps": 2},
-    )
-    initial = sspo_run(
-        tmp_path,
-        "initial",
-        base,
-        data,
-        bank={"save_every": 1, "size": 5, "draw": "initial"},
-        reference_sample={"steps": 2},
+    latest, initial = (
+        sspo_run(
+            tmp_path,
+            draw,
+            base,
+            data,
+            bank={"save_every": 1, "size": 5, "draw": draw},
+            reference_sample={"steps": 2},
+        )
+        for draw in ("latest", "initial")
     )
     assert [m["sspo/snapshot_age"] for m in latest] == [0.0] * 6
     assert [m["sspo/snapshot_age"] for m in initial] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]

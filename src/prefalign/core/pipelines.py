@@ -280,7 +280,9 @@ def load_base(cfg: DiffusionModelConfig, seed: int = 0) -> DiffusionParts:
         parts.unet = add_lora(parts.unet, cfg.lora, seed)
     if cfg.gradient_checkpointing:
         if not getattr(parts.unet, "_supports_gradient_checkpointing", False):
-            raise ConfigError(f"config key 'model.gradient_checkpointing': {type(parts.unet).__name__} does not support it")
+            raise ConfigError(
+                f"config key 'model.gradient_checkpointing': {type(parts.unet).__name__} does not support it"
+            )
         parts.unet.enable_gradient_checkpointing()
     parts.unet.train()
     return parts

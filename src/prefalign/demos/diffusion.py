@@ -19,6 +19,7 @@ from prefalign import runner
 from prefalign.core.config import build
 from prefalign.core.pipelines import load_trained
 from prefalign.core.report import markdown_table, mean_std, plot_bars, write_report, write_summary
+from prefalign.demos import sspo as sspo_demo
 from prefalign.methods import diffusion_dpo, sspo
 from prefalign.worlds.digits import save_grid
 from prefalign.worlds.digits_text import evaluate, judge_labelled_pairs, load_digits_text, sample_digits
@@ -27,20 +28,8 @@ ROWS = ["base", "sft", "diffusion_dpo", "diffusion_dpo_lora", "sspo"]
 
 
 def settings(quick: bool) -> dict:
-    return {
-        "n_pairs": 300 if quick else 1000,
-        "pair_sample_steps": 10 if quick else 20,
-        "max_steps": 60 if quick else 150,
-        "batch_size": 32,
-        "learning_rate": 1e-4,
-        "lora_learning_rate": 1e-3,
-        "lora_r": 8,
-        "beta": 2000.0,
-        "save_every": 10 if quick else 20,
-        "ref_sample_steps": 5 if quick else 10,
-        "eval_per_class": 30 if quick else 50,
-        "eval_steps": 10 if quick else 20,
-    }
+    """The SSPO demo's settings (same pairs, steps, β, bank), plus the LoRA row's."""
+    return {**sspo_demo.settings(quick), "lora_learning_rate": 1e-3, "lora_r": 8}
 
 
 def run_seed(seed: int, s: dict, out_dir: Path, quick: bool) -> dict:
@@ -62,7 +51,8 @@ def run_seed(seed: int, s: dict, out_dir: Path, quick: bool) -> dict:
         "diffusion_dpo_lora": (diffusion_dpo, {"model": {**model, "lora": lora}, "loss": {"beta": s["beta"]},
                                                "train": {"learning_rate": s["lora_learning_rate"]}}),
         "sspo": (sspo, {"model": model, "loss": {"beta": s["beta"]}, "sspo": {
-            "bank": {"save_every": s["save_every"]}, "reference_sample": {"steps": s["ref_sample_steps"]}}}),
+            "bank": {"size": s["bank_size"], "save_every": s["save_every"]},
+            "reference_sample": {"steps": s["ref_sample_steps"]}}}),
     }  # fmt: skip
     scoring = {"samples_per_class": s["eval_per_class"], "steps": s["eval_steps"], "seed": 10_000 + seed}
     results, samples = {"base": evaluate(base, **scoring)}, {}
