@@ -62,10 +62,14 @@ class Conditioner:
         return next(module.parameters()).device
 
     def time_ids(self, batch: dict, n: int) -> torch.Tensor:
+        """SDXL's size conditioning: the batch's own (decoded tables), else uncropped images of the batch's
+        size (arrays: pixels, or latents times the VAE's downscaling)."""
         if "time_ids" in batch:
             return batch["time_ids"].float()
-        size = float(self.parts.resolution)
-        return torch.tensor([[size, size, 0.0, 0.0, size, size]] * n)
+        x = batch["chosen"]
+        scale = self.parts.vae_scale if self.is_latent(x) else 1
+        h, w = (float(d * scale) for d in x.shape[-2:])
+        return torch.tensor([[h, w, 0.0, 0.0, h, w]] * n)
 
     @torch.no_grad()
     def encode(self, captions: list[str], time_ids: torch.Tensor | None = None):
@@ -83,7 +87,9 @@ class Conditioner:
             )
         if self.parts.conditioning != "sdxl":
             return out[0]
-        time_ids = time_ids if time_ids is not None else self.time_ids({}, len(captions))
+        if time_ids is None:  # the pipeline's default: uncropped images of its resolution
+            size = float(self.parts.resolution)
+            time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]] * len(captions))
         return {
             "encoder_hidden_states": out[0],
             "added_cond_kwargs": {"text_embeds": out[2], "time_ids": time_ids.to(out[0].device)},

@@ -335,21 +335,30 @@ def _merged(unet):
     return unet
 
 
-def load_trained(run_dir: str | Path, model: DiffusionModelConfig) -> DiffusionParts:
+def load_trained(
+    run_dir: str | Path, model: DiffusionModelConfig, base: DiffusionParts | None = None
+) -> DiffusionParts:
     """The parts of a finished run: the base's, with the UNet of `run_dir/final` (LoRA loaded through the
-    pipeline's `load_lora_weights`, or the saved UNet), in eval mode."""
+    pipeline's `load_lora_weights`, or the saved UNet), in eval mode. With `base` (the loaded base parts),
+    its frozen modules are shared and only the UNet is copied."""
     final = Path(run_dir) / "final"
     if not final.is_dir():
         raise ConfigError(f"{run_dir} has no final/ (the run did not finish)")
     if not (final / LORA_FILE).is_file() and not (final / "unet").is_dir():
         raise ConfigError(f"{final} holds neither {LORA_FILE} nor unet/")
-    parts = load_parts(model)
     if (final / LORA_FILE).is_file():
+        parts = replace(base, unet=copy.deepcopy(base.unet)) if base is not None else load_parts(model)
         parts.pipeline().load_lora_weights(final)
-    elif parts.pipeline_class is not None:
-        parts.unet = type(parts.unet).from_pretrained(final / "unet")
+    elif (final / "scheduler").is_dir():  # a bare-UNet run: its own folder layout
+        unet, scheduler = _unet_folder(final)
+        parts = (
+            replace(base, unet=unet, scheduler=scheduler)
+            if base is not None
+            else DiffusionParts(unet, scheduler)
+        )
     else:
-        parts.unet, parts.scheduler = _unet_folder(final)
+        parts = base if base is not None else load_parts(model)
+        parts = replace(parts, unet=type(parts.unet).from_pretrained(final / "unet"))
     parts.unet.eval()
     return parts
 

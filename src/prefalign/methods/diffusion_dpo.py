@@ -193,7 +193,8 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict:
     """`prefalign eval RUN_DIR`: Diffusion-DPO loss and implicit accuracy of `final/` against the base on the
     held-out pairs (`data.eval`; else the training pairs, reported as `train_pairs/...`), and the world's
     ground truth when the base is a world source."""
-    trained, base = load_trained(run_dir, cfg.model), load_parts(cfg.model)
+    base = load_parts(cfg.model)
+    trained = load_trained(run_dir, cfg.model, base)
     name, data = evaluation_pairs(cfg.data, run_dir, trained)
     _, _, options = build_loss(cfg.loss, LOSSES)
     metrics = evaluate_pairs(

@@ -350,7 +350,8 @@ def winner_errors(unet, base, scheduler, data, batch_size: int = 64, seed: int =
 def evaluate_run(run_dir: Path, cfg: Config) -> dict:
     """`prefalign eval RUN_DIR`: denoising error of `final/` and of the base on the winners (`data.eval`, else
     the training winners, reported as `train_pairs/...`), and the world's ground truth on a world base."""
-    trained, base = load_trained(run_dir, cfg.model), load_parts(cfg.model)
+    base = load_parts(cfg.model)
+    trained = load_trained(run_dir, cfg.model, base)
     name, data = evaluation_pairs(cfg.data, run_dir, trained, need_rejected=False)
     errors = winner_errors(
         trained.unet, base.unet.eval(), trained.scheduler, data, conditioner=Conditioner(trained)
