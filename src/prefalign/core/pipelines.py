@@ -185,7 +185,8 @@ def _pipeline_index(name: str, revision: str | None, key: str) -> dict | None:
     try:
         return StableDiffusionPipeline.load_config(name, revision=revision)
     except Exception as e:  # offline, no such repo, no access: one line for the user either way
-        raise ConfigError(f"config key '{key}': could not read {name!r} from the hub: {e}") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"config key '{key}': could not read {name!r} from the hub: {reason}") from None
 
 
 def _unet_folder(root: Path):
