@@ -397,6 +397,9 @@ def test_diffusion_dpo_improves_the_held_out_score(tmp_path):
             "train": {**train, "output_dir": str(tmp_path / "dpo")},
         },
     )
-    trained = pipelines.load_trained(runner.run(dpo_cfg).run_dir, dpo_cfg.model)
+    run_dir = runner.run(dpo_cfg).run_dir
+    trained = pipelines.load_trained(run_dir, dpo_cfg.model)
     dpo_score = float(evaluate(trained.unet, trained.scheduler)["score"])
     assert dpo_score > base + 0.02, (base, dpo_score)
+    numbers = runner.evaluate(run_dir)  # `prefalign eval`: the world's score and the pairs' implicit accuracy
+    assert 0 < numbers["score"] <= 1 and numbers["train_pairs/rewards/accuracies"] > 0.5, numbers
