@@ -206,7 +206,7 @@ def test_pickapic_row_errors_name_file_row_and_field(sd, tmp_path):
     path = tiny_sd.write_parquet(tmp_path / "bytes.parquet", [good[0], {**good[1], "jpg_0": b"not a png"}])
     dataset = images.load_image_data(path, parts=parts)
     dataset[0]
-    with pytest.raises(DataError, match=r"bytes\.parquet: row 1, field 'jpg_(0|1)': not a readable image"):
+    with pytest.raises(DataError, match=r"bytes\.parquet: row 1, field 'jpg_0': not a readable image"):
         dataset[1]
 
 

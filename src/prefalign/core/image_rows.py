@@ -49,7 +49,7 @@ class ImageTable:
     labels: list[int] | None
     rows: list[int]  # the row number each kept row is reported under
     skipped: dict[str, int] = field(default_factory=dict)
-    columns: tuple[str, str] = ("chosen", "rejected")  # field names the images came from (for errors)
+    columns: list[tuple] = field(default_factory=list)  # per row: the fields its (winner, loser) came from
 
 
 def _where(name: str, row: int, column: str) -> str:
@@ -125,7 +125,7 @@ def read_image_table(
         raise DataError(f"{name} has no rows")
     chosen, rejected, captions, labels, kept = [], [], [], [], []
     skipped: Counter = Counter()
-    image_columns = ("chosen", "rejected")
+    image_columns = []
     for i, raw in enumerate(raw_rows):
         number = i + 2 if is_csv else i
         if not isinstance(raw, dict):
@@ -157,7 +157,7 @@ def read_image_table(
             got = ", ".join(sorted(map(str, row))) or "none"
             needed = LAYOUTS if not need_rejected else LAYOUTS.rsplit(", image", 1)[0]
             raise DataError(f"{name}: row {number}: no image columns I know (got: {got}); accepted: {needed}")
-        image_columns = order
+        image_columns.append(order)
         chosen.append(_image_ref(row[order[0]], where(order[0]), folder))
         if need_rejected:
             rejected.append(_image_ref(row[order[1]], where(order[1]), folder))
@@ -253,7 +253,7 @@ def prepare_image(image: Image.Image, channels: int | None, resolution: int | No
 
 class TableImages:
     """Decodes a table row's images for `ImageDataset`: pixels in [-1, 1] at the model's resolution, and the
-    SDXL size conditioning of the first image (original height, width, crop top, left, target height, width)."""
+    SDXL size conditioning of the winner image (original height, width, crop top, left, target height, width)."""
 
     def __init__(self, table: ImageTable, channels: int, resolution: int | None):
         self.table, self.channels, self.resolution = table, channels, resolution
@@ -261,7 +261,7 @@ class TableImages:
     def __call__(self, item: dict) -> dict:
         i = item["index"]
         row = self.table.rows[i]
-        for key, column in zip(("chosen", "rejected"), self.table.columns):
+        for key, column in zip(("chosen", "rejected"), self.table.columns[i]):
             if key not in item:
                 continue
             where = _where(self.table.source, row, column)

@@ -228,7 +228,7 @@ def _load_pipeline(name: str, index: dict, model: DiffusionModelConfig, key: str
         )
     kwargs = {"revision": model.revision, "variant": model.variant}
     if model.vae:
-        kwargs["vae"] = AutoencoderKL.from_pretrained(model.vae, revision=model.revision)
+        kwargs["vae"] = AutoencoderKL.from_pretrained(model.vae)
     if kind == "StableDiffusionPipeline":
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
