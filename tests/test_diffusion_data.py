@@ -190,3 +190,19 @@ def test_datasets_folders_with_binary_or_image_columns(sd15, tmp_path):
             assert torch.equal(data[i]["chosen"], expected[i]["chosen"]) and torch.equal(
                 data[i]["rejected"], expected[i]["rejected"]
             )
+
+
+def test_another_vae_replaces_the_pipelines(sd15, tmp_path):
+    """`model.vae` (like madebyollin/sdxl-vae-fp16-fix for SDXL): the given VAE is the one used."""
+    other = tiny_sd.tiny_vae(seed=3)
+    other.save_pretrained(tmp_path / "vae")
+    parts = pipelines.load_parts(
+        pipelines.DiffusionModelConfig(name_or_path=str(sd15), vae=str(tmp_path / "vae"))
+    )
+    assert all(
+        torch.equal(a, b) for a, b in zip(parts.vae.state_dict().values(), other.state_dict().values())
+    )
+    with pytest.raises(ConfigError, match="config key 'model.vae': could not load"):
+        pipelines.load_parts(
+            pipelines.DiffusionModelConfig(name_or_path=str(sd15), vae=str(tmp_path / "none"))
+        )

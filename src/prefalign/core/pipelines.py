@@ -228,7 +228,12 @@ def _load_pipeline(name: str, index: dict, model: DiffusionModelConfig, key: str
         )
     kwargs = {"revision": model.revision, "variant": model.variant}
     if model.vae:
-        kwargs["vae"] = AutoencoderKL.from_pretrained(model.vae)
+        try:
+            kwargs["vae"] = AutoencoderKL.from_pretrained(model.vae)
+        except (OSError, ValueError) as e:
+            raise ConfigError(
+                f"config key 'model.vae': could not load {model.vae}: {str(e).splitlines()[0]}"
+            ) from None
     if kind == "StableDiffusionPipeline":
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     try:
