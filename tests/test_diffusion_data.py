@@ -74,10 +74,17 @@ def test_config_and_model_errors_are_one_line(sd15, class_unet, tmp_path, monkey
     assert "model path not found" in setup_error(
         {"model": {"name_or_path": str(tmp_path / "nope")}, "data": {"train": "x.npz"}}
     )
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert "could not read 'someone/no-such-pipeline'" in setup_error(
-        {"model": {"name_or_path": "someone/no-such-pipeline"}, "data": {"train": "x.npz"}}
-    )
+
+    def offline(*args, **kwargs):  # what huggingface_hub raises without a network (no real request in tests)
+        raise OSError(
+            "We couldn't connect to 'https://huggingface.co' to load this file.\nCheck your connection."
+        )
+
+    with monkeypatch.context() as patched:
+        patched.setattr(pipelines.StableDiffusionPipeline, "load_config", offline)
+        assert "could not read 'someone/no-such-pipeline' from the hub: We couldn't connect" in setup_error(
+            {"model": {"name_or_path": "someone/no-such-pipeline"}, "data": {"train": "x.npz"}}
+        )
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "labels.npz", chosen=rng.random((4, 3, 16, 16), dtype=np.float32),
              rejected=rng.random((4, 3, 16, 16), dtype=np.float32), context=np.arange(4))  # fmt: skip
