@@ -390,3 +390,78 @@ def test_snapshot_age_counts_updates_since_the_drawn_snapshot(tmp_path):
     assert [m["sspo/snapshot_age"] for m in latest] == [0.0] * 6
     assert [m["sspo/snapshot_age"] for m in initial] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
     assert all(m["loss"] == pytest.approx(math.log(2), abs=1e-6) for m in latest)  # model = its own snapshot
+
+
+# ---------------------------------------------------------------- an SSPO step, recomputed independently
+
+
+@pytest.mark.parametrize("ssr", ["sign", "indicator", "none"])
+def test_sspo_step_equals_an_independent_recomputation(ssr, tmp_path, monkeypatch):
+    """The drawn snapshot loaded into a FRESH UNet; x_ref by a hand-written DDIM loop from the row's seeded
+    start noise (clipped: pixel space); errors with x_t = sqrt(ᾱ)x0 + sqrt(1−ᾱ)ε; s = +1 iff Δ_w ≤ 0;
+    loss = mean −log σ(−0.5β(Δ_w − c·Δ_r)). Loss, flip rate and gradients must match the library's step."""
+    base, data = tiny_base(tmp_path)
+    cfg = build(sspo.Config, {"model": {"name_or_path": base}, "data": {"train": data}, "loss": {"beta": 300.0, "ssr": ssr},
+                              "sspo": {"bank": {"save_every": 1, "size": 5}, "reference_sample": {"steps": 3}}})  # fmt: skip
+    parts = pipelines.load_base(cfg.model)
+    unet, sched = parts.unet, parts.scheduler
+    state = sspo.SSPOState(unet, cfg, 1)
+    step = sspo.make_step(sched, state, cfg)
+    dataset = images.load_image_data(data, need_rejected=False)
+    batch = images.collate_images([dataset[i] for i in range(8)])
+    optimizer = torch.optim.Adam(unet.parameters(), lr=3e-3)
+    for _ in range(3):  # 3 updates: snapshots 0, 1, 2 (3 is added at the next step)
+        step(unet, batch)[0].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # move the live weights off the snapshots so that Δ_w takes both signs
+        for p in unet.parameters():
+            p.add_(0.3 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    t, eps = torch.randint(0, 1000, (8,), generator=g), torch.randn(8, 1, 8, 8, generator=g)
+    monkeypatch.setattr(
+        sspo, "draw_timesteps_and_noise", lambda s, x, generator=None: (t.clone(), eps.clone())
+    )
+    flips = set()
+    for position in (1, 0, 3):
+        monkeypatch.setattr(state.bank, "draw", lambda p=position: p)
+        unet.zero_grad(set_to_none=True)
+        loss, metrics = step(unet, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in unet.named_parameters()}
+        snapshot_id = state.bank.ids[position]
+        ckpt = pipelines.load_parts(base).unet.eval()
+        ckpt.load_state_dict(state.bank.entries[position])
+        ddim = DDIMScheduler.from_config(sched.config)
+        ddim.set_timesteps(3)
+        seeds = [(cfg.train.seed * 1_000_003 + snapshot_id) * 10_000_019 + int(r) for r in batch["index"]]
+        x = torch.stack([torch.randn((1, 8, 8), generator=torch.Generator().manual_seed(s)) for s in seeds])
+        with torch.no_grad():
+            for step_t in ddim.timesteps:
+                x = ddim.step(
+                    ckpt(x, step_t.expand(8), class_labels=batch["context"]).sample, step_t, x, eta=0.0
+                ).prev_sample
+        x_ref = x.clamp(-1, 1)
+
+        def error(net, x0):
+            a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+            return (
+                (net(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, class_labels=batch["context"]).sample - eps)
+                ** 2
+            ).mean((1, 2, 3))
+
+        unet.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            ckpt_w, ckpt_r = error(ckpt, batch["chosen"]), error(ckpt, x_ref)
+        d_w, d_r = error(unet, batch["chosen"]) - ckpt_w, error(unet, x_ref) - ckpt_r
+        s = torch.where(d_w.detach() <= 0, 1.0, -1.0) if ssr != "none" else torch.ones(8)
+        c = (s > 0).float() if ssr == "indicator" else s
+        mine = -torch.nn.functional.logsigmoid(-0.5 * 300.0 * (d_w - c * d_r)).mean()
+        mine.backward()
+        assert loss.item() == pytest.approx(mine.item(), rel=1e-4)
+        assert metrics["sspo/flip_rate"].item() == pytest.approx(float((s < 0).float().mean()))
+        worst = max(float((grads[n] - p.grad).abs().max()) for n, p in unet.named_parameters())
+        scale = max(float(p.grad.abs().max()) for p in unet.parameters())
+        assert worst < 1e-4 * scale, (worst, scale)  # float noise of batched vs separate forwards
+        flips.add(float((s < 0).float().mean()))
+    assert ssr == "none" or max(flips) > 0  # the s = −1 branch was exercised
