@@ -207,7 +207,8 @@ def run(cfg, **inputs) -> RunResult:
             (final / "README.md").write_text(model_card(to_dict(cfg), summary, final))
         write_summary(run_dir, summary)
         if talk:
-            console.say(closing_block(summary, run_dir, time.time() - started))
+            options = inspect.signature(module.evaluate_run).parameters
+            console.say(closing_block(summary, run_dir, time.time() - started, options))
     accelerator.wait_for_everyone()
     return RunResult(run_dir, model, result.history, summary)
 
@@ -260,14 +261,22 @@ def start_block(cfg, job, accelerator, run_dir: Path) -> str:
     found = checkpoints(run_dir) if t.resume else []
     if found:
         rows["resume"] = f"from {found[-1]}"
-    rows["logging"] = (
-        f"every {t.log_every} steps -> {run_dir / 'metrics.jsonl'}; eval "
-        + (f"every {t.eval_every} steps" if t.eval_every else "at the end")
-        + "; checkpoints "
-        + (f"every {t.save_every} steps" if t.save_every else "at the end")
-        + (f"; trackers {', '.join(t.report_to)}" if t.report_to else "")
+    logging = [f"every {_steps(t.log_every)} -> {run_dir / 'metrics.jsonl'}"]
+    if job.evaluate is not None or job.train is not None:  # a method's own loop evaluates as it goes
+        logging.append(
+            "eval " + (f"every {_steps(t.eval_every)} and at the end" if t.eval_every else "at the end")
+        )
+    logging.append(
+        "checkpoints " + (f"every {_steps(t.save_every)} and at the end" if t.save_every else "at the end")
     )
+    if t.report_to:
+        logging.append(f"trackers {', '.join(t.report_to)}")
+    rows["logging"] = "; ".join(logging)
     return console.block(f"prefalign: {cfg.method} -> {run_dir}", rows)
+
+
+def _steps(n: int) -> str:
+    return f"{n} step{'s' if n != 1 else ''}"
 
 
 def _loss_text(section, losses: dict) -> str:
@@ -281,8 +290,9 @@ def _loss_text(section, losses: dict) -> str:
     return section.name + (f" ({shown})" if shown else "")
 
 
-def closing_block(summary: dict, run_dir: Path, seconds: float) -> str:
-    """The end of a run: last training and eval metrics, and where everything was written."""
+def closing_block(summary: dict, run_dir: Path, seconds: float, eval_options=()) -> str:
+    """The end of a run: last training and eval metrics, where everything was written, what to run next
+    (`eval_options`: the options the method's `prefalign eval` takes)."""
     final = run_dir / "final"
     rows = {}
     if summary.get("final"):
@@ -294,8 +304,9 @@ def closing_block(summary: dict, run_dir: Path, seconds: float) -> str:
         rows["eval"] = "  ".join(f"{k} {console.number(v)}" for k, v in evals)
     rows["model"] = f"{final}/  (model card: {final / 'README.md'})" if final.is_dir() else None
     rows["files"] = f"{run_dir}/  metrics.jsonl, summary.json, config.yaml, checkpoints/"
-    rows["next"] = f"prefalign eval {run_dir} --samples 4;  prefalign export {run_dir} OUT_DIR"
-    return console.block(f"done: {summary.get('steps', 0)} steps in {seconds:.1f} s", rows)
+    samples = " --samples 4" if "samples" in eval_options else ""
+    rows["next"] = f"prefalign eval {run_dir}{samples};  prefalign export {run_dir} OUT_DIR"
+    return console.block(f"done: {_steps(summary.get('steps', 0))} in {seconds:.1f} s", rows)
 
 
 def evaluate(run_dir: str | Path, **options) -> dict:

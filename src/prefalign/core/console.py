@@ -127,18 +127,22 @@ def count_parameters(model) -> tuple[int, int]:
     return total, trainable
 
 
-class _DropMessage(logging.Filter):
-    def __init__(self, start: str):
+class _DropMessages(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
         super().__init__()
-        self.start = start
+        self.starts = starts
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.start)
+        return not str(record.msg).startswith(self.starts)
 
 
-NOISY_LOGS = {  # logger -> the start of a message it logs that tells a user nothing to act on
-    # GPT-2 decoding steps inside `generate` (our calls pass an attention mask; finished rows hold pads)
-    "transformers.modeling_utils": "We strongly recommend passing in an `attention_mask`",
+NOISY_LOGS = {  # logger -> the starts of messages it logs that tell a user nothing to act on
+    "transformers.modeling_utils": (
+        # GPT-2 decoding steps inside `generate` (our calls pass an attention mask; finished rows hold pads)
+        "We strongly recommend passing in an `attention_mask`",
+        # a model without `loss_type` (GPT-2) computing its own LM loss: transformers uses the right default
+        "`loss_type=None` was set in the config but it is unrecognized",
+    ),
 }
 
 
@@ -151,10 +155,10 @@ def quiet_library_noise() -> None:
     - transformers' "Loading weights" / "Writing model shards" bars when not on a terminal."""
     warnings.filterwarnings("ignore", message=r"fan_in_fan_out is set to False", category=UserWarning)
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*is deprecated")
-    for name, start in NOISY_LOGS.items():
+    for name, starts in NOISY_LOGS.items():
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropMessage) and f.start == start for f in logger.filters):
-            logger.addFilter(_DropMessage(start))
+        if not any(isinstance(f, _DropMessages) and f.starts == starts for f in logger.filters):
+            logger.addFilter(_DropMessages(starts))
     if not bars():
         hf_logging.disable_progress_bar()
 
@@ -177,7 +181,8 @@ def data_rows(data_cfg, records, eval_records, seed: int) -> dict[str, str]:
         )
         rows["data" if not mixture else "rows"] = (f"{report.source}: " if not mixture else "") + loaded
     else:
-        rows["data"] = f"{len(records)} records passed in memory"
+        named = f" (config data.train: {data_cfg.train})" if data_cfg.train else ""
+        rows["data"] = f"{len(records)} records passed in memory{named}"
     n_train, n_eval = len(records), len(eval_records or [])
     if data_cfg.eval:
         rows["split"] = f"{n_train} train / {n_eval} eval (data.eval: {data_cfg.eval})"

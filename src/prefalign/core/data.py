@@ -334,7 +334,8 @@ def load_preferences(
     is_csv = isinstance(source, (str, Path)) and Path(source).suffix.lower() == ".csv"
     row_ties = "error" if tie_policy == "skip" else tie_policy
     records, skipped = PreferenceData(), Counter()
-    for i, raw in enumerate(tqdm(rows, desc=f"loading {name}", disable=len(rows) < 20_000)):
+    # disable=None: tqdm draws no bar when stderr is not a terminal (a log file gets no redraws)
+    for i, raw in enumerate(tqdm(rows, desc=f"loading {name}", disable=True if len(rows) < 20_000 else None)):
         try:
             if isinstance(raw, _Bad):
                 raise raw

@@ -77,7 +77,8 @@ def encode_records(tokenizer, records, max_length=512, max_prompt_length=256, tr
     if eos is None:
         raise ValueError("the tokenizer has no eos_token_id; set tokenizer.eos_token")
     encoded = []
-    for i, record in enumerate(tqdm(records, desc="tokenize", disable=len(records) < 5000)):
+    # disable=None: tqdm draws no bar when stderr is not a terminal (a log file gets no redraws)
+    for i, record in enumerate(tqdm(records, desc="tokenize", disable=True if len(records) < 5000 else None)):
         where = f"record {i}"
         prompt_ids = encode_prompt(tokenizer, record.prompt, max_prompt_length, f"{where}, field 'prompt'")
         budget = max_length - len(prompt_ids)

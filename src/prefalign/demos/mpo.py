@@ -187,6 +187,11 @@ def write_outputs(
     )
 
     verdict = "**holds**" if claim["holds"] else "**does not hold**"
+    tolerance_text = (
+        f"− {claim['reward_tolerance']:.3f} (their pooled seed std)"
+        if len(seeds) > 1
+        else "(one seed: no spread to allow for)"
+    )
     sections = [
         f"Reviews world, preference pairs labelled **deterministically** by the `{TARGET}` reward (the higher "
         f"true reward always wins); {n_records} pairs per seed, seeds {seeds}{' (quick)' if quick else ''}. "
@@ -200,7 +205,7 @@ def write_outputs(
         f"DPO {claim['dpo_kl_growth_second_half']:.3f}, IPO {claim['ipo_kl_growth_second_half']:.3f}, "
         f"MPO {claim['mpo_kl_growth_second_half']:.3f} nats. "
         f"DPO's KL keeps growing: {claim['dpo_kl_keeps_growing']}; MPO's KL bounded (grows < half of DPO's and "
-        f"ends lower): {claim['mpo_kl_bounded']}; MPO's true reward ≥ DPO's − {claim['reward_tolerance']:.3f}: "
+        f"ends lower): {claim['mpo_kl_bounded']}; MPO's true reward ≥ DPO's {tolerance_text}: "
         f"{claim['mpo_reward_at_least_dpo']}.",
         "## Over training\n\n![KL over training](kl_vs_step.png)\n\n![true reward over training](reward_vs_step.png)"
         "\n\n![reward vs KL](reward_vs_kl.png)\n\n" + dpo_demo.curve_vs_table(per_seed, METHODS, s),
