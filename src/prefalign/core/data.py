@@ -83,7 +83,8 @@ class PreferenceRecord:
 
     @property
     def rejected(self):
-        """The worst response: the last ranked one, or (partial ranking) the last unranked one."""
+        """A worst response: of the worst tier as `core.metrics.ranked_ends` defines it (the last ranked one;
+        for a partial ranking the unranked ones, tied last, of which this is the last)."""
         unranked = [i for i in range(len(self.responses)) if i not in self.ranking]
         return self.responses[unranked[-1] if unranked else self.ranking[-1]]
 
