@@ -6,7 +6,8 @@ import logging
 
 import pytest
 
-from prefalign.core.data import DataConfig, PreferenceRecord, count_smells, load_preferences, load_records
+from prefalign.core.data import DataConfig, PreferenceRecord, load_preferences, load_records
+from prefalign.core.data_smells import count_smells
 from prefalign.core.errors import DataError
 
 HEAD = "\n\nHuman: Is water wet?\n\nAssistant:"

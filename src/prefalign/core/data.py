@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from prefalign.core.data_files import RowError, decode_csv_cells, read_rows
 from prefalign.core.data_files import short_repr as _short
+from prefalign.core.data_smells import count_smells
 from prefalign.core.errors import ConfigError, DataError
 
 _Bad = RowError  # a row-level problem raised before the source and row are known
@@ -409,52 +410,6 @@ def warn_smells(records) -> None:
         logger.warning(report.smells())
 
 
-def _preferences(record: PreferenceRecord):
-    """Every (better, worse) pair of responses the record's (possibly partial) ranking states."""
-    unranked = [i for i in range(len(record.responses)) if i not in record.ranking]
-    order = list(record.ranking) + unranked
-    for a, better in enumerate(record.ranking):
-        for worse in order[a + 1 :]:
-            yield record.responses[better], record.responses[worse]
-
-
-def count_smells(records) -> tuple[int, int, list[str]]:
-    """(duplicated rows, contradictory rows, up to two examples). A duplicate states the same ranking of the
-    same responses to the same prompt as an earlier row of the same annotator (rows without annotator count as
-    one annotator); a contradiction orders some two responses the other way than an earlier row of that
-    annotator. Different annotators may disagree: that is data, not a smell."""
-
-    def key(*parts) -> str:
-        return json.dumps(parts, sort_keys=True, ensure_ascii=False)
-
-    seen_rows: dict[str, int] = {}
-    seen_pairs: dict[str, int] = {}
-    duplicates = contradictions = 0
-    examples: dict[str, str] = {}  # the first duplicate and the first contradiction
-
-    def name(i):
-        return records[i].origin or f"record {i}"
-
-    for i, r in enumerate(records):
-        unranked = sorted(key(r.responses[j]) for j in range(len(r.responses)) if j not in r.ranking)
-        row_key = key(r.annotator, r.prompt, [r.responses[j] for j in r.ranking], unranked)
-        if row_key in seen_rows:
-            duplicates += 1
-            examples.setdefault("repeats", f"{name(i)} repeats {name(seen_rows[row_key])}")
-            continue
-        seen_rows[row_key] = i
-        pairs = [
-            (key(r.annotator, r.prompt, a, b), key(r.annotator, r.prompt, b, a)) for a, b in _preferences(r)
-        ]
-        earlier = [seen_pairs[backward] for _, backward in pairs if backward in seen_pairs]
-        for forward, _ in pairs:
-            seen_pairs.setdefault(forward, i)
-        if earlier:
-            contradictions += 1
-            examples.setdefault("contradicts", f"{name(i)} contradicts {name(min(earlier))}")
-    return duplicates, contradictions, list(examples.values())
-
-
 # ------------------------------------------------------------------------------------------ saving, splits
 
 
@@ -553,16 +508,6 @@ class DataConfig:
 def is_template(text: str) -> bool:
     """A Jinja template rather than a file name."""
     return "{{" in text or "{%" in text
-
-
-def chat_template_text(value: str | None) -> str | None:
-    """`data.chat_template` as template text (read from its file when it names one)."""
-    if value is None or is_template(value):
-        return value
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"config key 'data.chat_template': file not found: {value}")
-    return path.read_text(encoding="utf-8")
 
 
 def load_records(data: DataConfig, seed: int, *, eval_fraction: float | None = None):

@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from prefalign.core.data import DataConfig, chat_template_text
+from prefalign.core.data import DataConfig, is_template
 from prefalign.core.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -261,6 +262,16 @@ def fit_lengths(data: DataConfig, model=None, log: bool = True) -> tuple[int, in
             else f", prompts to {prompt} (data.max_prompt_length {max_prompt_length})",
         )
     return limit, prompt
+
+
+def chat_template_text(value: str | None) -> str | None:
+    """`data.chat_template` as template text (read from its file when it names one)."""
+    if value is None or is_template(value):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config key 'data.chat_template': file not found: {value}")
+    return path.read_text(encoding="utf-8")
 
 
 def apply_chat_template(tokenizer, data: DataConfig):

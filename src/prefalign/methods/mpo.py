@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from prefalign.core import sources
 from prefalign.core.config import build_loss
-from prefalign.core.data import DataConfig, chat_template_text, load_records
-from prefalign.core.encode import apply_chat_template, encode_data, fit_lengths
+from prefalign.core.data import DataConfig, load_records
+from prefalign.core.encode import apply_chat_template, chat_template_text, encode_data, fit_lengths
 from prefalign.core.errors import ConfigError
 from prefalign.core.logprobs import collate, generate_responses, sequence_logps
 from prefalign.core.metrics import WeightedMean, preference_metrics
