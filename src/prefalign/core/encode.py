@@ -244,7 +244,7 @@ def position_limit(model) -> int | None:
 
 def fit_lengths(data: DataConfig, model=None, log: bool = True) -> tuple[int, int]:
     """(max_length, max_prompt_length) for `model`: `data.max_length` lowered to the model's position limit,
-    with one warning line saying so (the prompt limit then becomes at most half of it). Longer inputs would
+    with one warning line saying so (and the prompt limit, if it does not fit either, to half of it). Longer inputs would
     index past the position table (GPT-2: an IndexError inside torch, on a GPU a device-side assert)."""
     max_length, max_prompt_length = data.max_length, data.max_prompt_length
     limit = position_limit(model) if model is not None else None
@@ -288,7 +288,9 @@ def encode_data(tokenizer, records, data: DataConfig, name: str, lengths: tuple[
     truncation carry no preference: under `data.on_bad_row: skip` they are dropped and counted (one line),
     otherwise a DataError names them."""
     if not records:
-        return EncodedData()
+        empty = EncodedData()
+        empty.kept = []
+        return empty
     if getattr(tokenizer, "chat_template", None) is None and any(is_chat(r.prompt) for r in records):
         raise ConfigError(
             f"{name}: chat messages given, but the tokenizer has no chat_template; set data.chat_template (a "
