@@ -15,8 +15,8 @@ from prefalign.cli import app
 from prefalign.core import console
 from prefalign.core.config import build
 from prefalign.core.config_doc import describe, field_comments, yaml_value
-from prefalign.core.data import PreferenceRecord
-from prefalign.core.encode import encode_records
+from prefalign.core.data import DataConfig, PreferenceRecord
+from prefalign.core.encode import encode_data
 from prefalign.core.models import ModelConfig, load_policy
 from prefalign.worlds.reviews import build_tokenizer
 
@@ -141,19 +141,25 @@ def test_init_writes_a_commented_config_that_builds(method, tmp_path, capsys):
 
 
 def test_truncation_row_counts_cut_prompts_and_responses():
-    """Word-level tokenizer: one token per word. max_prompt_length 3, max_length 8. Record 0: prompt of 2
-    words (kept), responses of 3 and 6 words (+EOS: 4 and 7 tokens; budget 8 - 2 = 6) -> the second is cut.
-    Record 1: prompt of 5 words (cut to 3), responses of 1 and 2 words (2 and 3 tokens, budget 5: kept).
-    Record 2: prompt of exactly 3 words (at the limit, not cut)."""
+    """Word-level tokenizer: one token per word, no BOS. Lengths (8, 3). Record 0: prompt of 2 words (kept),
+    responses of 3 and 6 words (+EOS: 4 and 7 tokens; budget 8 - 2 = 6) -> the second is cut. Record 1:
+    prompt of 5 words (cut to 3), responses of 2 and 3 tokens (budget 5: kept). Record 2: prompt of exactly 3
+    words (not cut). Record 3: two 7-word responses equal in their first 6 words -> both cut, identical after
+    truncation, dropped (on_bad_row: skip). So 1 of 4 prompts, 3 of 8 responses, 1 record dropped."""
     tokenizer = build_tokenizer()
     records = [
         PreferenceRecord.pair("the pizza", "the food was", "the food was great and tasty"),
         PreferenceRecord.pair("the pizza was really great", "great", "very tasty"),
         PreferenceRecord.pair("the pizza was", "tasty", "bland"),
+        PreferenceRecord.pair(
+            "the pizza", "the food was great and very tasty", "the food was great and very bland"
+        ),
     ]
-    encoded = encode_records(tokenizer, records, max_length=8, max_prompt_length=3)
-    row = console.truncation_row(records, encoded, tokenizer, 8, 3)
-    assert row.startswith("1 of 3 prompts cut") and "1 of 6 responses cut" in row, row
+    encoded = encode_data(tokenizer, records, DataConfig(on_bad_row="skip"), "t", (8, 3))
+    assert console.truncation_row(encoded) == (
+        "1 of 4 prompts cut to their last 3 tokens, 3 of 8 responses cut to fit max_length 8; "
+        "1 records dropped (identical after truncation)"
+    )
 
 
 def short_run(tmp_path, tiny_lm, pairs_file, **train):

@@ -18,8 +18,6 @@ import warnings
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
-from prefalign.core.encode import encode_prompt
-
 # metric name -> short label, in the order lines show them (any other numeric metric follows, up to a few)
 MAIN_METRICS = {
     "loss": "loss",
@@ -198,31 +196,26 @@ def data_rows(data_cfg, records, eval_records, seed: int) -> dict[str, str]:
     return rows
 
 
-def truncation_row(records, encoded, tokenizer, max_length: int, max_prompt_length: int) -> str:
-    """How many prompts and responses were cut to fit. A cut response has lost its final EOS; a prompt of
-    exactly max_prompt_length tokens is tokenized again, uncut, to see whether it was longer."""
-    eos = tokenizer.eos_token_id
-    responses = [r for record in encoded for r in record.response_ids]
-    cut_responses = sum(1 for r in responses if not r or r[-1] != eos)
-    cut_prompts = sum(
-        1
-        for record, enc in zip(records, encoded)
-        if len(enc.prompt_ids) == max_prompt_length
-        and len(encode_prompt(tokenizer, record.prompt, max_prompt_length=10**9)) > max_prompt_length
+def truncation_row(encoded) -> str:
+    """What tokenization cut, from `encode_data`'s report: prompts cut to their last max_prompt_length
+    tokens, responses cut to fit max_length, records dropped because truncation made them identical."""
+    report, lengths = getattr(encoded, "report", None), getattr(encoded, "lengths", None)
+    if report is None or lengths is None:
+        return ""
+    max_length, max_prompt_length = lengths
+    text = (
+        f"{report.prompts_cut} of {report.records} prompts cut to their last {max_prompt_length} tokens, "
+        f"{report.responses_cut} of {report.responses} responses cut to fit max_length {max_length}"
     )
-    return (
-        f"{cut_prompts} of {len(encoded)} prompts cut to their last {max_prompt_length} tokens, "
-        f"{cut_responses} of {len(responses)} responses cut to fit max_length {max_length}"
-    )
+    dropped = report.records - len(encoded)
+    return text + (f"; {dropped} records dropped (identical after truncation)" if dropped else "")
 
 
-def lm_rows(cfg, records, eval_records, encoded, tokenizer, reference: str | None) -> dict[str, str]:
+def lm_rows(cfg, records, eval_records, encoded, reference: str | None) -> dict[str, str]:
     """The console rows of a language-model run: data, split, truncation, reference, packing.
     `reference`: None for a reference-free loss, else the configured strategy."""
     rows = data_rows(cfg.data, records, eval_records, cfg.train.seed)
-    rows["truncated"] = truncation_row(
-        records, encoded, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length
-    )
+    rows["truncated"] = truncation_row(encoded)
     if reference is None:
         rows["reference"] = "none (the loss is reference-free)"
     else:
