@@ -32,12 +32,13 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
 from prefalign.core.data_files import RowError, decode_csv_cells, read_rows
 from prefalign.core.data_files import short_repr as _short
+from prefalign.core.data_mix import mix_records, train_sources
 from prefalign.core.data_smells import count_smells
 from prefalign.core.errors import ConfigError, DataError
 
@@ -142,9 +143,11 @@ class LoadReport:
 
 
 class PreferenceData(list):
-    """The list of records returned by `load_preferences`, with its `.report` (a `LoadReport`)."""
+    """The list of records returned by `load_preferences`, with its `.report` (a `LoadReport`); a mixture
+    of several sources (`load_records`) also has `.mixture`: one dict per source (see `mix_records`)."""
 
     report: LoadReport | None = None
+    mixture: list[dict] | None = None
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -381,7 +384,8 @@ def load_preferences(
     is_csv = isinstance(source, (str, Path)) and Path(source).suffix.lower() == ".csv"
     row_ties = "error" if tie_policy == "skip" else tie_policy
     records, skipped = PreferenceData(), Counter()
-    for i, raw in enumerate(tqdm(rows, desc=f"loading {name}", disable=len(rows) < 20_000)):
+    # disable=None: tqdm draws no bar when stderr is not a terminal (a log file gets no redraws)
+    for i, raw in enumerate(tqdm(rows, desc=f"loading {name}", disable=True if len(rows) < 20_000 else None)):
         try:
             if isinstance(raw, _Bad):
                 raise raw
@@ -469,15 +473,17 @@ def pairwise_records(record: PreferenceRecord) -> list[PreferenceRecord]:
 class DataConfig:
     """Preference data of the language-model methods (`data:` in a config)."""
 
-    train: str = ""  # file (.jsonl/.json/.parquet/.csv), saved `datasets` dir, or hub dataset name
+    # file (.jsonl/.json/.parquet/.csv), saved `datasets` dir or hub dataset name; or a list of them, each
+    # optionally {path: FILE, weight: W}: weights are each source's share of the training records (mix_records)
+    train: str | list[str | dict[str, Any]] = ""
     eval: str | None = None  # held-out file; otherwise `eval_fraction` of train is held out
-    eval_fraction: float = 0.1
-    split: str = "train"
+    eval_fraction: float = 0.1  # share of data.train held out for evaluation when data.eval is not given
+    split: str = "train"  # the split of a saved or hub DatasetDict
     columns: dict[str, str] = dataclasses.field(
         default_factory=dict
     )  # your column -> ours: {question: prompt}
-    tie_policy: Literal["error", "skip", "any-order", "truncate"] = "error"
-    on_bad_row: Literal["error", "skip"] = "error"
+    tie_policy: Literal["error", "skip", "any-order", "truncate"] = "error"  # what tied scores do
+    on_bad_row: Literal["error", "skip"] = "error"  # skip: drop bad rows, counted per reason
     # tokens of prompt + response; at most the model's position limit (a larger value is lowered to it, with
     # one warning line: core.encode.fit_lengths)
     max_length: int = 512
@@ -512,7 +518,8 @@ def is_template(text: str) -> bool:
 
 
 def load_records(data: DataConfig, seed: int, *, eval_fraction: float | None = None):
-    """(train records, eval records) from the `data:` section: `data.eval`, or a seeded split of `data.train`."""
+    """(train records, eval records) from the `data:` section: `data.eval`, or a seeded split of `data.train`.
+    Several `data.train` sources are each split, then their train parts mixed (`mix_records`)."""
     kwargs = dict(
         split=data.split,
         tie_policy=data.tie_policy,
@@ -522,13 +529,40 @@ def load_records(data: DataConfig, seed: int, *, eval_fraction: float | None = N
     )
     if not data.train:
         raise ConfigError("config key 'data.train' is empty: name a preference data file or dataset")
-    records = load_preferences(data.train, **kwargs)
-    warn_smells(records)
+    fraction = data.eval_fraction if eval_fraction is None else eval_fraction
+    sources = train_sources(data.train)
+    parts, evals = [], []
+    for path, _ in sources:
+        records = load_preferences(path, **kwargs)
+        warn_smells(records)
+        train, held_out = records, []
+        if not data.eval and fraction > 0 and len(records) >= 10:
+            train, held_out = split_records(records, fraction, seed)
+        parts.append(PreferenceData(train))
+        parts[-1].report = records.report
+        evals += held_out
+    train = parts[0] if len(sources) == 1 else _mixture(parts, sources, seed)
     if data.eval:
         eval_records = load_preferences(data.eval, **kwargs)
         warn_smells(eval_records)
-        return records, eval_records
-    fraction = data.eval_fraction if eval_fraction is None else eval_fraction
-    if fraction > 0 and len(records) >= 10:
-        return split_records(records, fraction, seed)
-    return records, []
+        return train, eval_records
+    return train, evals
+
+
+def _mixture(parts: list[PreferenceData], sources, seed: int) -> PreferenceData:
+    """`mix_records` of several sources, with one LoadReport over them and `.mixture` (per source: its
+    weight, records available and records used)."""
+    names = [path for path, _ in sources]
+    records, used = mix_records(parts, [w for _, w in sources], seed)
+    out = PreferenceData(records)
+    reports = [p.report for p in parts if p.report is not None]
+    skipped: Counter = Counter()
+    for report in reports:
+        skipped.update(report.skipped)
+    n_rows, n_loaded = sum(r.n_rows for r in reports), sum(r.n_loaded for r in reports)
+    out.report = LoadReport(n_rows, n_loaded, dict(skipped), " + ".join(names))
+    out.mixture = [
+        {"source": name, "weight": w, "records": len(part), "used": k}
+        for name, (_, w), part, k in zip(names, sources, parts, used)
+    ]
+    return out

@@ -46,9 +46,12 @@ class EncodedRecord:
 
 
 class EncodedData(list):
-    """`encode_data`'s records, with `kept`: the index of each one's record among those given."""
+    """`encode_data`'s records, with `kept`: the index of each one's record among those given, `report`:
+    what truncation cut (an `EncodeReport`), and `lengths`: the (max_length, max_prompt_length) used."""
 
     kept: list[int]
+    report: EncodeReport | None = None
+    lengths: tuple[int, int] | None = None
 
 
 @dataclass
@@ -177,7 +180,8 @@ def encode_records(
     report = EncodeReport() if report is None else report
     prefix = special_prefix(tokenizer)
     encoded = []
-    for i, record in enumerate(tqdm(records, desc="tokenize", disable=len(records) < 5000)):
+    # disable=None: tqdm draws no bar when stderr is not a terminal (a log file gets no redraws)
+    for i, record in enumerate(tqdm(records, desc="tokenize", disable=True if len(records) < 5000 else None)):
         name = _record_name(record, i)
         full_prompt = _prompt_ids(tokenizer, record.prompt, f"{name}, field 'prompt'", prefix)
         prompt_ids = full_prompt[-max_prompt_length:]
@@ -320,5 +324,5 @@ def encode_data(tokenizer, records, data: DataConfig, name: str, lengths: tuple[
         if not kept:
             raise DataError(f"{name}: no record left after dropping those identical after truncation")
     out = EncodedData(encoded[i] for i in kept)
-    out.kept = kept
+    out.kept, out.report, out.lengths = kept, report, lengths
     return out

@@ -16,8 +16,8 @@ Two batch layouts give the same log-probs (tested to 1e-5):
 import contextlib
 
 import torch
-from tqdm.auto import tqdm
 
+from prefalign.core.console import progress
 from prefalign.core.encode import (  # noqa: F401  (encode_records, is_chat: re-exported)
     EncodedRecord,
     encode_prompt,
@@ -243,7 +243,7 @@ def generate_responses(
         if seed is not None:
             torch.manual_seed(seed)
         starts = range(0, len(jobs), batch_size)
-        for start in tqdm(starts, desc="generate", disable=len(starts) < 2):
+        for start in progress(starts, desc="generate", disable=len(starts) < 2):
             chunk = jobs[start : start + batch_size]
             width = max(len(ids) for ids in chunk)
             input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=device)

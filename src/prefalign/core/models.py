@@ -38,10 +38,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class LoraSettings:
-    enabled: bool = False
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
+    enabled: bool = False  # train LoRA adapters (peft) instead of every weight
+    r: int = 8  # adapter rank
+    alpha: int = 16  # scaling: the update is (alpha / r) * B @ A
+    dropout: float = 0.0  # dropout on the adapter input
     target_modules: list[str] | None = None  # None: every linear layer ("all-linear")
 
 
@@ -57,7 +57,9 @@ class ReferenceSettings:
 class ModelConfig:
     name_or_path: str = ""  # local dir, hub id, or a registered source (world:reviews, world:reviews-quick)
     tokenizer: str | None = None  # defaults to name_or_path
-    revision: str | None = None
+    revision: str | None = None  # hub branch, tag or commit
+    # dtype the weights are loaded in (auto: the checkpoint's); float32 trains anywhere, bfloat16 halves
+    # memory on GPUs. With float32 weights, train.mixed_precision bf16 autocasts the forward pass instead
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     trust_remote_code: bool = False  # off unless the user turns it on
     attn_implementation: str | None = None  # e.g. sdpa, flash_attention_2

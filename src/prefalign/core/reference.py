@@ -24,8 +24,8 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
+from prefalign.core.console import progress
 from prefalign.core.errors import ConfigError
 from prefalign.core.logprobs import collate, sequence_logps
 from prefalign.core.models import REFERENCE_ADAPTER
@@ -135,7 +135,7 @@ def _compute(reference_model, encoded, batch_size, pad_token_id, average, desc):
     state = process_state()
     starts = list(range(0, len(order), batch_size))[state.process_index :: state.num_processes]
     mine = []
-    for start in tqdm(starts, desc=desc, disable=len(starts) <= 1 or not state.is_main_process):
+    for start in progress(starts, desc=desc, disable=len(starts) <= 1 or not state.is_main_process):
         rows = order[start : start + batch_size]
         batch = collate([encoded[i] for i in rows], pad_token_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -31,13 +31,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from tqdm.auto import tqdm
 
-from prefalign.core import sources
 from prefalign.core.config import build_loss
+from prefalign.core.console import lm_rows, progress
 from prefalign.core.data import DataConfig, load_records
 from prefalign.core.encode import apply_chat_template, chat_template_text, encode_data, fit_lengths
 from prefalign.core.errors import ConfigError
+from prefalign.core.evaluation import held_out_records, truth_notes_and_samples
 from prefalign.core.logprobs import collate, generate_responses, sequence_logps
 from prefalign.core.metrics import WeightedMean, preference_metrics
 from prefalign.core.models import (
@@ -70,7 +70,7 @@ RENAMES = {
 class LossConfig:
     """`loss:` of MPO (every part is our reconstruction, docs/mpo.md)."""
 
-    name: str = "mpo"
+    name: str = "mpo"  # the only loss: mpo
     beta: float | None = None  # temperature inside σ (default 1: the plain importance weight)
     regularization_weight: float = (
         1.0  # λ, weight of the off-policy KL regularizer (NLL of reference samples)
@@ -98,10 +98,10 @@ class MPOSettings:
     """`mpo:` — the regularization set: reference samples drawn once, before training."""
 
     samples_per_prompt: int = 4  # reference samples per unique training prompt
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64  # length limit of each reference sample
     temperature: float = 1.0  # 1 = samples of π_ref itself (the KL estimator needs that)
-    top_p: float = 1.0
-    generation_batch_size: int = 64
+    top_p: float = 1.0  # nucleus sampling (1 = off, as the KL estimator needs)
+    generation_batch_size: int = 64  # sequences generated at once
     chunk_prompts: int = 128  # prompts per atomically written chunk (resume granularity)
     regularization_dir: str | None = None  # default: <output_dir>/regularization
     extra_text: str | None = None  # optional SFT/pretraining text (.txt lines or .jsonl text|prompt+response)
@@ -212,7 +212,7 @@ def make_regularization_data(cfg: Config, *, records=None, model=None, tokenizer
         )
     # the model as it starts is the reference (a fresh LoRA adapter leaves it unchanged, a trained one is part
     # of it), so its adapters stay on
-    for i, start in tqdm(todo, desc="mpo: regularization samples"):
+    for i, start in progress(todo, desc="mpo: regularization samples"):
         chunk = prompts[start : start + s.chunk_prompts]
         samples = generate_responses(
             model,
@@ -423,24 +423,27 @@ def setup(cfg: Config, ctx, *, records=None, eval_records=None, model=None, toke
         evaluate=evaluate,
         save=lambda trained, path: save_model(trained, tokenizer, path),
         desc="mpo",
+        info={
+            **lm_rows(cfg, records, eval_records, train_set, None),
+            "reference": f"none in training: {len(regularization)} reference samples in {reg_path} (KL term)",
+        },
     )
 
 
-def evaluate_run(run_dir: Path, cfg: Config) -> dict:
-    """`prefalign eval RUN_DIR`: held-out MPO metrics and, for a `world:` start, the world's ground truth."""
+def evaluate_run(run_dir: Path, cfg: Config, data: str | None = None, samples: int = 0) -> dict:
+    """`prefalign eval RUN_DIR`: held-out MPO metrics (on the run's eval data, or on `data`), for a
+    `world:` start the world's ground truth, and `samples` generated samples beside the reference's."""
     policy, tokenizer = load_trained(Path(run_dir) / "final", cfg.model)
     policy.eval()
     out: dict = {}
-    if cfg.data.train:
-        _, eval_records = load_records(cfg.data, cfg.train.seed)
-        if eval_records:
-            apply_chat_template(tokenizer, cfg.data)
-            encoded = encode_data(
-                tokenizer, eval_records, cfg.data, "data.eval", fit_lengths(cfg.data, policy)
-            )
-            metrics = evaluate_preferences(
-                policy, encoded, cfg.loss, pad_token_id(tokenizer), cfg.train.eval_batch_size
-            )
-            out.update({f"eval/{k}": v for k, v in metrics.items()})
-    out.update(sources.ground_truth(cfg.model.name_or_path, "causal_lm", policy))
-    return out
+    eval_records, note = held_out_records(cfg.data, cfg.train.seed, data)
+    if eval_records:
+        apply_chat_template(tokenizer, cfg.data)
+        encoded = encode_data(
+            tokenizer, eval_records, cfg.data, data or "data.eval", fit_lengths(cfg.data, policy)
+        )
+        metrics = evaluate_preferences(
+            policy, encoded, cfg.loss, pad_token_id(tokenizer), cfg.train.eval_batch_size
+        )
+        out.update({f"eval/{k}": v for k, v in metrics.items()})
+    return truth_notes_and_samples(out, note, cfg, run_dir, policy, tokenizer, eval_records, samples)

@@ -73,8 +73,8 @@ class BankConfig:
 
 @dataclass
 class RefSampleConfig:
-    sampler: Literal["ddim", "ddpm"] = "ddim"
-    steps: int = 10
+    sampler: Literal["ddim", "ddpm"] = "ddim"  # sampler of the reference samples x_ref
+    steps: int = 10  # its denoising steps
     cache: bool = True  # reuse x_ref per (snapshot, row); results are identical, only faster
 
 

@@ -78,13 +78,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EMConfig:
-    n_types: int = 2
-    max_iterations: int = 4
-    m_step: Literal["stochastic", "weighted"] = "stochastic"
-    init: Literal["kmeans", "whitened", "dirichlet", "labels"] = "kmeans"
+    n_types: int = 2  # K latent annotator types (one policy each)
+    max_iterations: int = 4  # EM iterations (E-step + M-step)
+    m_step: Literal["stochastic", "weighted"] = "stochastic"  # records drawn by γ, or every record γ-weighted
+    init: Literal["kmeans", "whitened", "dirichlet", "labels"] = "kmeans"  # how the first γ is chosen
     init_labels: str | None = None  # JSON {annotator: type index} for init: labels
     init_smoothing: float = 0.1  # kmeans/labels start from γ = (1 − s)·one-hot + s/K
-    dirichlet_alpha: float = 1.0
+    dirichlet_alpha: float = 1.0  # init dirichlet: concentration of the random γ
     adapter: Literal["lora", "full"] = (
         "lora"  # per-type policy: a LoRA adapter, or a full copy (small models)
     )
@@ -113,7 +113,7 @@ RENAMES = {
 class LossConfig:
     """`loss:` of the M-step: γ-weighted listwise DPO (Plackett–Luce), which is DPO on pairs."""
 
-    name: str = "plackett_luce"
+    name: str = "plackett_luce"  # the only loss: plackett_luce
     beta: float = 0.1  # β of every type's implicit reward r_k = β·log(π_k / π_ref)
 
     def validate(self):
