@@ -96,6 +96,8 @@ def test_train_load_into_diffusers_and_generate(kind, method, lora, assets, tmp_
     else:
         assert (final / "unet" / "config.json").is_file()
         pipe = cls.from_pretrained(assets[kind], unet=UNet2DConditionModel.from_pretrained(final / "unet"))
+    card = (final / "README.md").read_text()  # the model card says how to load it
+    assert ("load_lora_weights" if lora else "UNet2DConditionModel.from_pretrained") in card
     expected = trained_as_prefalign_had_it(cfg, run)
     base = cls.from_pretrained(assets[kind]).unet
     x, t, cond = unet_inputs(kind)

@@ -60,7 +60,7 @@ RENAMES = MODEL_RENAMES
 
 @dataclass
 class LossConfig:
-    name: str = "diffusion_dpo"
+    name: str = "diffusion_dpo"  # the only loss: diffusion_dpo
     beta: float | None = None  # official convention (the −0.5 is in the loss); default 5000 = diffusers' 2500
 
     def validate(self):

@@ -77,10 +77,9 @@ class BankConfig:
 
 @dataclass
 class RefSampleConfig:
-    sampler: Literal["ddim", "ddpm"] = "ddim"
-    steps: int = 10
-    # reuse x_ref per (snapshot, row); results are identical, only faster: every row draws its start noise
-    # (and DDPM's step noise) from its own generator seeded by (train.seed, snapshot, row)
+    sampler: Literal["ddim", "ddpm"] = "ddim"  # sampler of the reference samples x_ref
+    steps: int = 10  # its denoising steps
+    # reuse x_ref per (snapshot, row); results are identical, only faster (each row draws its own noise)
     cache: bool = True
 
 

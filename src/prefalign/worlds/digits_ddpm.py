@@ -78,7 +78,9 @@ def train_digits_ddpm(cfg: DigitsDDPMConfig, progress: bool = True) -> tuple[UNe
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     lr_at = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.steps)
     unet.train()
-    bar = tqdm(range(cfg.steps), desc="digits DDPM", disable=not progress, leave=False)
+    bar = tqdm(
+        range(cfg.steps), desc="digits DDPM", disable=None if progress else True, leave=False
+    )  # None: no bar off a terminal
     for _ in bar:
         idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=generator)
         x0, labels = x_all[idx], y_all[idx]
