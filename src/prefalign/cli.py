@@ -35,6 +35,7 @@ DEMOS = {
     "em-dpo": "prefalign.demos.em_dpo",
     "pfm": "prefalign.demos.pfm",
     "sspo": "prefalign.demos.sspo",
+    "diffusion": "prefalign.demos.diffusion",
 }
 
 
@@ -102,12 +103,24 @@ REQUIRED = {
     "em_dpo": LM_REQUIRED,
     "pfm": {"data.train": ("pairs.npz", "arrays chosen, rejected [N, ...] (+ optional context)")},
     "diffusion_dpo": {
-        "model.name_or_path": ("world:digits", "a diffusers folder with unet/ and scheduler/, or world:NAME"),
-        "data.train": ("world:digits-judge", "a pairs .npz, an image folder with pairs.csv, or world:NAME"),
+        "model.name_or_path": (
+            "world:digits",
+            "an SD-1.x/2.x or SDXL pipeline (folder or hub id), a folder with unet/ + scheduler/, or world:NAME",
+        ),
+        "data.train": (
+            "world:digits-judge",
+            "Pick-a-Pic-style pairs (.parquet/.csv/folder/datasets), a pairs .npz, or world:NAME",
+        ),
     },
     "sspo": {
-        "model.name_or_path": ("world:digits", "a diffusers folder with unet/ and scheduler/, or world:NAME"),
-        "data.train": ("world:digits-judge", "winners .npz, an image folder, or world:NAME"),
+        "model.name_or_path": (
+            "world:digits",
+            "an SD-1.x/2.x or SDXL pipeline (folder or hub id), a folder with unet/ + scheduler/, or world:NAME",
+        ),
+        "data.train": (
+            "world:digits-judge",
+            "winners (caption + image) or Pick-a-Pic-style pairs, a .npz, or world:NAME",
+        ),
     },
 }
 

@@ -260,7 +260,30 @@ def model_card(cfg: dict, summary: dict, folder: Path, evaluation: dict | None =
                 f"\nThe base is `{base}`, a prefalign world: load it with prefalign, or write a merged copy "
                 "with `prefalign export RUN_DIR OUT --merge-lora`."
             )
+    lines += _diffusion_use(Path(folder), base)
     return "\n".join(lines) + "\n"
+
+
+def _diffusion_use(folder: Path, base: str) -> list[str]:
+    """How to load a diffusion run trained on a Stable Diffusion pipeline: its LoRA through the pipeline's
+    `load_lora_weights`, or its UNet (a bare-UNet run, with `scheduler/` beside it, has no pipeline)."""
+    if (folder / "pytorch_lora_weights.safetensors").is_file():
+        load = ['pipe.load_lora_weights("PATH/TO/THIS/FOLDER")']
+    elif (folder / "unet").is_dir() and not (folder / "scheduler").is_dir():
+        load = ['pipe.unet = UNet2DConditionModel.from_pretrained("PATH/TO/THIS/FOLDER/unet")']
+    else:
+        return []
+    where = (
+        f"prefalign world `{base}` (its pipeline folder is in prefalign's cache)"
+        if base.startswith("world:")
+        else f"`{base}`"
+    )
+    return [
+        "", "## Use", "", f"The base pipeline is {where}.", "", "```python",
+        "from diffusers import DiffusionPipeline, UNet2DConditionModel",
+        f'pipe = DiffusionPipeline.from_pretrained("{base if not base.startswith("world:") else "BASE_PIPELINE"}")',
+        *load, 'image = pipe("a prompt").images[0]', "```",
+    ]  # fmt: skip
 
 
 def eval_markdown(run_dir: Path, method: str, result: dict) -> str:

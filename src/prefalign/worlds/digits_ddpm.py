@@ -120,7 +120,7 @@ def load_digits_ddpm(quick: bool = False, cfg: DigitsDDPMConfig | None = None, p
 def sample_digits(
     unet, scheduler, labels: torch.Tensor, steps: int = 20, sampler: str = "ddim", seed: int = 0
 ):
-    """Class-conditional digits in pixel space [0, 1], shape [N, 1, 8, 8]."""
+    """Class-conditional digits in pixel space [0, 1], shape [N, 1, 8, 8] (the sampler's output clipped)."""
     generator = torch.Generator().manual_seed(seed)
     x = sample(unet, scheduler, labels, (1, 8, 8), steps=steps, sampler=sampler, generator=generator)
     return to_pixel_space(x)
@@ -156,12 +156,12 @@ def evaluator(samples_per_class: int = 50, steps: int = 20, seed: int = 1234, wo
     return evaluate
 
 
-def _evaluate_source(unet, scheduler, samples_per_class: int = 50, **_) -> dict:
-    return evaluator(samples_per_class)(unet, scheduler)
+def _evaluate_source(parts, samples_per_class: int = 50, **_) -> dict:
+    return evaluator(samples_per_class)(parts.unet, parts.scheduler)
 
 
-def _judge_pairs(unet, scheduler, n_pairs: int = 1000, sample_steps: int = 20, seed: int = 0) -> dict:
-    arrays = judge_labelled_pairs(unet, scheduler, n_pairs, 0, sample_steps, seed=seed)
+def _judge_pairs(parts, n_pairs: int = 1000, sample_steps: int = 20, seed: int = 0) -> dict:
+    arrays = judge_labelled_pairs(parts.unet, parts.scheduler, n_pairs, 0, sample_steps, seed=seed)
     return {k: arrays[k] for k in ("chosen", "rejected", "context")}
 
 
