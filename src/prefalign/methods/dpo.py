@@ -19,11 +19,13 @@ import torch
 from prefalign.core import sources
 from prefalign.core.config import build_loss
 from prefalign.core.data import DataConfig, load_records
+from prefalign.core.encode import apply_chat_template, encode_data, fit_lengths
 from prefalign.core.errors import ConfigError
-from prefalign.core.logprobs import check_packing, collate, encode_records, sequence_logps
+from prefalign.core.logprobs import check_packing, collate, sequence_logps
 from prefalign.core.metrics import WeightedMean, preference_metrics
 from prefalign.core.models import (
     ModelConfig,
+    disable_dropout,
     load_base_model,
     load_policy,
     load_trained,
@@ -180,11 +182,14 @@ def setup(cfg: Config, ctx, *, records=None, eval_records=None, model=None, toke
     check_records_fit(eval_records or [], loss, "data.eval")
     if model is None:
         model, tokenizer = load_policy(cfg.model, seed=cfg.train.seed)
+    elif not cfg.model.dropout:
+        disable_dropout(model)
     model.to(ctx.accelerator.device)  # precompute and the packing check run on the training device
     pad = pad_token_id(tokenizer)
-    encode = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
-    train_set = encode_records(tokenizer, records, **encode)
-    eval_set = encode_records(tokenizer, eval_records, **encode) if eval_records else []
+    apply_chat_template(tokenizer, cfg.data)
+    lengths = fit_lengths(cfg.data, model)
+    train_set = encode_data(tokenizer, records, cfg.data, "data.train", lengths)
+    eval_set = encode_data(tokenizer, eval_records or [], cfg.data, "data.eval", lengths)
     reference_fn = None
     if loss.needs_reference:
         reference_fn = prepare_reference(
@@ -228,8 +233,10 @@ def evaluate_run(run_dir: Path, cfg: Config) -> dict:
         _, eval_records = load_records(cfg.data, cfg.train.seed)
         if eval_records:
             pad = pad_token_id(tokenizer)
-            encode = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
-            encoded = encode_records(tokenizer, eval_records, **encode)
+            apply_chat_template(tokenizer, cfg.data)
+            encoded = encode_data(
+                tokenizer, eval_records, cfg.data, "data.eval", fit_lengths(cfg.data, policy)
+            )
             if loss.needs_reference:
                 precompute_reference_logps(
                     load_base_model(cfg.model),

@@ -43,10 +43,18 @@ from transformers import AutoTokenizer
 from prefalign.core.checkpoint import trainable_state
 from prefalign.core.config import build, build_loss, load_yaml
 from prefalign.core.data import DataConfig, load_records
+from prefalign.core.encode import apply_chat_template, encode_data, fit_lengths
 from prefalign.core.errors import ConfigError
-from prefalign.core.logprobs import collate, encode_records, sequence_logps
+from prefalign.core.logprobs import collate, sequence_logps
 from prefalign.core.metrics import preference_metrics
-from prefalign.core.models import LoraSettings, ModelConfig, load_base_model, load_tokenizer, pad_token_id
+from prefalign.core.models import (
+    LoraSettings,
+    ModelConfig,
+    disable_dropout,
+    load_base_model,
+    load_tokenizer,
+    pad_token_id,
+)
 from prefalign.core.reference import precompute_reference_logps
 from prefalign.core.train import FitResult, Job, TrainConfig, fit
 from prefalign.losses.lm import plackett_luce_loss, ranking_log_likelihood
@@ -310,10 +318,12 @@ def run_em(cfg: Config, records, base_model, tokenizer, *, true_types=None, init
     K, em = cfg.em.n_types, cfg.em
     if K > len(names):
         raise ConfigError(f"config key 'em.n_types' = {K} exceeds the number of annotators ({len(names)})")
+    apply_chat_template(tokenizer, cfg.data)
+    encoded = encode_data(tokenizer, records, cfg.data, "data.train", fit_lengths(cfg.data, base_model))
+    if len(encoded) < len(records):  # records identical after truncation dropped (data.on_bad_row: skip)
+        records = [records[i] for i in encoded.kept]
+        names, index = annotator_index(records)
     pad = pad_token_id(tokenizer)
-    encoded = encode_records(
-        tokenizer, records, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length
-    )
     model, adapters = type_policies(base_model, em, cfg.model.lora, cfg.train.seed)
     if accelerator is not None:
         model.to(accelerator.device)
@@ -424,6 +434,8 @@ def setup(
         records, _ = load_records(dataclasses.replace(cfg.data, eval_fraction=0.0), cfg.train.seed)
     if model is None:
         model, tokenizer = load_base_model(cfg.model), load_tokenizer(cfg.model)
+    elif not cfg.model.dropout:
+        disable_dropout(model)
     if true_types is None and cfg.em.true_types:
         true_types = json.loads(Path(cfg.em.true_types).read_text())
     annotator_index(records)  # every record needs an annotator: fail before any model work
