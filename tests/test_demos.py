@@ -47,7 +47,6 @@ def test_mpo_demo_quick_reports_the_frontier_claims(tmp_path):
     for row in ("reference", "dpo", "ipo", "mpo"):  # the default settings' rows
         assert {"true_reward", "kl", "win_rate"} <= summary[row].keys()
     runs, claims = summary["reviews"]["runs"], summary["reviews"]["claims"]
-    assert claims["dpo_kl_keeps_growing"]["holds"], claims["dpo_kl_keeps_growing"]
     assert claims["lambda_orders_kl"]["holds"], claims["lambda_orders_kl"]
     assert (
         claims["mpo_kl_below_dpo"]["holds"] and runs["mpo/lambda=1"]["kl"] < 0.25 * runs["dpo/beta=0.1"]["kl"]
