@@ -188,11 +188,13 @@ def make_cfg(tmp_path, **mpo_settings):
     )
 
 
-def test_step_is_one_forward_of_preference_plus_lambda_regularization(tokenizer):
+@pytest.mark.parametrize("preference_term", [True, False])
+def test_step_is_one_forward_of_preference_plus_lambda_regularization(tokenizer, preference_term):
     """The batch loss is mean_i(−σ(β(ℓ(y_w) − ℓ(y_l)))) + λ·mean_j(−log π(y_j)/|y_j|) + λ_x·mean(extra), with
     ℓ = log π/|y| (average_logps, the default),
     recomputed here from separate forwards over the pairs, the regularization and the extra samples; the
-    step itself runs the model exactly once."""
+    step itself runs the model exactly once. `preference_term: false` (the regularizer-only control) drops
+    the first term from the loss and keeps logging it."""
     model = tiny_model(tokenizer).eval()  # no dropout, so separate forwards compare
     pairs = encode_records(tokenizer, pair_records(3), max_length=32, max_prompt_length=8)
     reg = mpo.encode_samples(
@@ -205,7 +207,9 @@ def test_step_is_one_forward_of_preference_plus_lambda_regularization(tokenizer)
         mpo.DataConfig(),
     )
     extra = mpo.encode_samples(tokenizer, [("", "the bread was stale .")] * 3, mpo.DataConfig())
-    settings = mpo.LossConfig(beta=0.5, regularization_weight=0.3, extra_weight=2.0)
+    settings = mpo.LossConfig(
+        beta=0.5, regularization_weight=0.3, extra_weight=2.0, preference_term=preference_term
+    )
     calls = []
     handle = model.register_forward_hook(lambda *args: calls.append(1))
     loss, metrics = mpo.make_step(settings)(
@@ -221,7 +225,8 @@ def test_step_is_one_forward_of_preference_plus_lambda_regularization(tokenizer)
         extra_logps, extra_tokens = sequence_logps(model, collate(extra, tokenizer.pad_token_id))
         reg_nll = (-reg_logps[:, 0] / reg_tokens[:, 0]).mean()
         extra_nll = (-extra_logps[:, 0] / extra_tokens[:, 0]).mean()
-    assert loss.item() == pytest.approx((preference + 0.3 * reg_nll + 2.0 * extra_nll).item(), rel=1e-5)
+    expected = preference * preference_term + 0.3 * reg_nll + 2.0 * extra_nll
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert metrics["mpo/regularization_nll"].item() == pytest.approx(reg_nll.item(), rel=1e-5)
     assert metrics["mpo/preference_weight"].item() == pytest.approx(-preference.item(), rel=1e-5)
 

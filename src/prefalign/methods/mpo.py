@@ -80,6 +80,9 @@ class LossConfig:
     average_logps: bool = True
     per_token_regularization: bool = True  # NLL / |y| (reconstruction) or summed NLL
     extra_weight: float = 0.0  # λ_x, weight of the NLL of `mpo.extra_text`
+    # false: train the regularizer alone, the preference term off (a control: how far does the finite
+    # regularization set move the policy by itself?). Its metrics are still logged.
+    preference_term: bool = True
 
     def validate(self):
         build_loss(self, LOSSES, consumed=CONSUMED)
@@ -90,7 +93,13 @@ class LossConfig:
                 raise ConfigError(f"config key 'loss.{name}' must be >= 0, got {getattr(self, name)}")
 
 
-CONSUMED = ("regularization_weight", "average_logps", "per_token_regularization", "extra_weight")
+CONSUMED = (
+    "regularization_weight",
+    "average_logps",
+    "per_token_regularization",
+    "extra_weight",
+    "preference_term",
+)
 
 
 @dataclass
@@ -337,6 +346,7 @@ def make_step(loss: LossConfig):
         metrics["mpo/preference_weight"] = (
             -(losses.detach() * batch["weight"][pref]).sum() / batch["weight"][pref].sum()
         )
+        total = total * float(loss.preference_term)  # 0: the regularizer-only control
         reg = regularization_nll(
             logps[n_pref : n_pref + n_reg, 0],
             n_tokens[n_pref : n_pref + n_reg, 0],
