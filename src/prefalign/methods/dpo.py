@@ -20,7 +20,7 @@ from prefalign.core import sources
 from prefalign.core.config import build_loss
 from prefalign.core.data import DataConfig, load_records
 from prefalign.core.errors import ConfigError
-from prefalign.core.logprobs import check_packing, collate, encode_records, sequence_logps
+from prefalign.core.logprobs import choose_layout, collate, encode_records, sequence_logps
 from prefalign.core.metrics import WeightedMean, preference_metrics
 from prefalign.core.models import (
     ModelConfig,
@@ -185,6 +185,8 @@ def setup(cfg: Config, ctx, *, records=None, eval_records=None, model=None, toke
     encode = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
     train_set = encode_records(tokenizer, records, **encode)
     eval_set = encode_records(tokenizer, eval_records, **encode) if eval_records else []
+    # packed or padded, decided on this model and the longest training records before any heavy work
+    packed = choose_layout(model, train_set, pad, cfg.data.packing)
     reference_fn = None
     if loss.needs_reference:
         reference_fn = prepare_reference(
@@ -196,8 +198,6 @@ def setup(cfg: Config, ctx, *, records=None, eval_records=None, model=None, toke
             average=loss.average,
             cache_dir=str(ctx.run_dir / "reference_cache"),
         )
-    if cfg.data.packing:
-        check_packing(model, train_set[:4], pad)
 
     held_out = (
         (lambda policy: evaluate_loss(policy, eval_set, loss, pad, cfg.train.eval_batch_size, reference_fn))
@@ -209,7 +209,7 @@ def setup(cfg: Config, ctx, *, records=None, eval_records=None, model=None, toke
     return Job(
         model=model,
         dataset=train_set,
-        collate=lambda items: collate(items, pad, packed=cfg.data.packing),
+        collate=lambda items: collate(items, pad, packed=packed),
         step=make_step(loss, reference_fn),
         evaluate=evaluate,
         save=lambda trained, path: save_model(trained, tokenizer, path),
