@@ -39,6 +39,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
+from prefalign.core import vocab
+
 PACKED_ATTENTION = "prefalign_packed"
 PATHS = ("flex", "blocks", "loop")
 UNSUPPORTED_ARGUMENTS = ("position_bias", "s_aux", "sinks")
@@ -315,9 +317,36 @@ def packed_hidden_forward(model, batch: dict, **kwargs):
 
 
 def packed_token_logps(model, batch: dict):
-    """(log-prob of every response token [N], its flat candidate index [N]) from one packed forward."""
-    # the LM head runs only where a response token is predicted
-    logits = packed_hidden_forward(model, batch, logits_to_keep=batch["target_position"]).logits[0]
-    logits = logits.float()
-    token_logps = logits.gather(-1, batch["target_ids"][:, None]).squeeze(-1) - logits.logsumexp(-1)
-    return token_logps, batch["target_candidate"]
+    """(log-prob of every response token [N], its flat candidate index [N]) from one packed forward.
+
+    The model runs only up to its final hidden states at the N positions that predict a response token
+    (`logits_to_keep`); its LM head is fed zero tokens and `core.vocab.token_logps` applies it in chunks.
+    Under FSDP (sharded weights, only valid inside the forward) or without an output embedding, the model's
+    own logits at those positions are used."""
+    bare = extract_model_from_parallel(model)
+    head = bare.get_output_embeddings() if hasattr(bare, "get_output_embeddings") else None
+    keep = batch["target_position"]
+    if head is None or _sharded(model, head):
+        logits = packed_hidden_forward(model, batch, logits_to_keep=keep).logits[0].float()
+        token_logps = logits.gather(-1, batch["target_ids"][:, None]).squeeze(-1) - logits.logsumexp(-1)
+        return token_logps, batch["target_candidate"]
+    captured = []
+
+    def take_hidden(module, args):
+        captured.append(args[0])
+        return (args[0][..., :0, :],)  # the model's own LM head computes nothing
+
+    handle = head.register_forward_pre_hook(take_hidden)
+    try:
+        packed_hidden_forward(model, batch, logits_to_keep=keep)
+    finally:
+        handle.remove()
+    hidden = captured[0][0]  # [N, hidden]: the positions of `keep`, in order
+    return vocab.token_logps(hidden, head, batch["target_ids"], bare.config), batch["target_candidate"]
+
+
+def _sharded(model, head) -> bool:
+    weight = getattr(head, "weight", None)
+    return "FullyShardedDataParallel" in type(model).__name__ or type(weight).__name__ == "DTensor" or (
+        weight is not None and weight.numel() == 0
+    )
