@@ -15,8 +15,8 @@ from transformers import (
     FalconForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
-    Gemma3TextConfig,
     Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -141,7 +141,9 @@ def test_packed_logps_and_gradients_equal_the_naive_computation(arch, path):
         return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
 
     g_packed = grad((sequence_logps(model, collate_packed(data))[0] * weights).sum())
-    g_naive = grad(sum(weights[b, j] * v for b, row in enumerate(naive_matrix(model, data)) for j, v in enumerate(row)))
+    g_naive = grad(
+        sum(weights[b, j] * v for b, row in enumerate(naive_matrix(model, data)) for j, v in enumerate(row))
+    )
     assert float((g_packed - g_naive).norm() / g_naive.norm()) < 1e-4
 
 

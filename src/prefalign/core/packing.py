@@ -97,9 +97,7 @@ def make_layout(batch: dict, path: str) -> PackedLayout:
     index = torch.where(valid, starts[:, None] + slot[None, :], 0)
     record = torch.repeat_interleave(torch.arange(n_records, device=device), length)
     inverse = record * longest + (torch.arange(segment.numel(), device=device) - starts[record])
-    return PackedLayout(
-        record, segment, batch["position_ids"][0], lengths, index, valid, inverse, path
-    )
+    return PackedLayout(record, segment, batch["position_ids"][0], lengths, index, valid, inverse, path)
 
 
 def choose_path(model, batch: dict) -> str:
@@ -148,7 +146,11 @@ _FLEX = None
 def _announce(path: str) -> None:
     if path not in _ANNOUNCED:
         _ANNOUNCED.add(path)
-        how = {"flex": "flex_attention, one kernel", "blocks": "records batched", "loop": "one call per record"}
+        how = {
+            "flex": "flex_attention, one kernel",
+            "blocks": "records batched",
+            "loop": "one call per record",
+        }
         print(f"packing: packed attention path '{path}' ({how[path]})", file=sys.stderr, flush=True)
 
 
@@ -182,7 +184,11 @@ def packed_mask(batch_size, q_length, kv_length, mask_function=None, **kwargs) -
     seg = layout.segment[layout.index]  # [B, l]
     pos = layout.position[layout.index]
     valid = layout.valid
-    same = valid[:, :, None] & valid[:, None, :] & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
+    same = (
+        valid[:, :, None]
+        & valid[:, None, :]
+        & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
+    )
     allowed = same & _apply(mask_function, pos[:, :, None], pos[:, None, :]).expand_as(same)
     # a padding slot attends to itself only, so no row of the softmax is empty (its output is dropped)
     eye = torch.eye(valid.shape[1], dtype=torch.bool, device=valid.device)
@@ -271,9 +277,7 @@ def support(model) -> str | None:
     """Why `model` cannot run the packed layout, or None. Static: the attention-function interface."""
     bare = extract_model_from_parallel(model)
     if getattr(bare, "config", None) is None or not getattr(bare, "_supports_attention_backend", False):
-        return (
-            f"{type(bare).__name__} has no attention-function interface (`_supports_attention_backend`)"
-        )
+        return f"{type(bare).__name__} has no attention-function interface (`_supports_attention_backend`)"
     return None
 
 
@@ -282,8 +286,10 @@ def attention_implementation(model, name: str):
     """Run `model` with attention implementation `name` (its config is shared by all its layers)."""
     reason = support(model)
     if reason is not None:
-        raise PackingUnsupported(f"packed log-probs need a transformers model like GPT-2 or Llama: {reason}; "
-                                 "set data.packing: false")
+        raise PackingUnsupported(
+            f"packed log-probs need a transformers model like GPT-2 or Llama: {reason}; "
+            "set data.packing: false"
+        )
     config = extract_model_from_parallel(model).config
     previous = config._attn_implementation
     config._attn_implementation = name
@@ -347,6 +353,8 @@ def packed_token_logps(model, batch: dict):
 
 def _sharded(model, head) -> bool:
     weight = getattr(head, "weight", None)
-    return "FullyShardedDataParallel" in type(model).__name__ or type(weight).__name__ == "DTensor" or (
-        weight is not None and weight.numel() == 0
+    return (
+        "FullyShardedDataParallel" in type(model).__name__
+        or type(weight).__name__ == "DTensor"
+        or (weight is not None and weight.numel() == 0)
     )

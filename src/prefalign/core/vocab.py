@@ -28,7 +28,11 @@ def final_logit_map(config):
     """The model's map from LM-head outputs to logits (identity for most models)."""
     softcap = getattr(config, "final_logit_softcapping", None)
     scaling = getattr(config, "logits_scaling", None)
-    scale = getattr(config, "logit_scale", None) if str(getattr(config, "model_type", "")).startswith("cohere") else None
+    scale = (
+        getattr(config, "logit_scale", None)
+        if str(getattr(config, "model_type", "")).startswith("cohere")
+        else None
+    )
     if softcap:
         return lambda z: torch.tanh(z / softcap) * softcap
     if scaling:
@@ -50,7 +54,9 @@ def token_logps(hidden: torch.Tensor, head, targets: torch.Tensor, config) -> to
     n = hidden.shape[0]
     if n <= step:
         return _chunk_logps(hidden, targets, head, logit_map)
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or any(p.requires_grad for p in head.parameters())
+    )
     out = []
     for start in range(0, n, step):
         h, t = hidden[start : start + step], targets[start : start + step]
