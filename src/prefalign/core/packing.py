@@ -66,6 +66,7 @@ class PackedLayout:
     valid: torch.Tensor
     inverse: torch.Tensor
     path: str
+    config: object = None  # the model config whose attention implementation the forward switched
 
 
 @dataclass
@@ -281,6 +282,26 @@ def support(model) -> str | None:
     return None
 
 
+def checkpoint_contexts():
+    """`context_fn` for torch's non-reentrant activation checkpointing: a layer recomputed in the backward
+    pass of a packed forward runs with the packed attention again (the config is restored after the forward,
+    long before the backward)."""
+    layout = _LAYOUT.get()
+    if layout is None or layout.config is None:
+        return contextlib.nullcontext(), contextlib.nullcontext()
+    return contextlib.nullcontext(), _implementation(layout.config, PACKED_ATTENTION)
+
+
+@contextlib.contextmanager
+def _implementation(config, name: str):
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
 @contextlib.contextmanager
 def attention_implementation(model, name: str):
     """Run `model` with attention implementation `name` (its config is shared by all its layers)."""
@@ -290,13 +311,8 @@ def attention_implementation(model, name: str):
             f"packed log-probs need a transformers model like GPT-2 or Llama: {reason}; "
             "set data.packing: false"
         )
-    config = extract_model_from_parallel(model).config
-    previous = config._attn_implementation
-    config._attn_implementation = name
-    try:
+    with _implementation(extract_model_from_parallel(model).config, name):
         yield
-    finally:
-        config._attn_implementation = previous
 
 
 def packed_hidden_forward(model, batch: dict, **kwargs):
@@ -304,7 +320,9 @@ def packed_hidden_forward(model, batch: dict, **kwargs):
     path = choose_path(extract_model_from_parallel(model), batch)
     if path == "flex" and _flex() is None:
         raise PackingUnsupported("PREFALIGN_PACKED_ATTENTION=flex, but this torch has no flex_attention")
-    token = _LAYOUT.set(make_layout(batch, path))
+    layout = make_layout(batch, path)
+    layout.config = extract_model_from_parallel(model).config
+    token = _LAYOUT.set(layout)
     try:
         with attention_implementation(model, PACKED_ATTENTION):
             out = model(
