@@ -180,7 +180,8 @@ def packed_mask(batch_size, q_length, kv_length, mask_function=None, **kwargs) -
             return same & mask_function(b, h, position[q], position[kv])
 
         create_block_mask = _flex()[1]
-        block_mask = create_block_mask(mask_mod, 1, None, n, n, device=layout.record.device)
+        device = layout.record.device
+        block_mask = create_block_mask(mask_mod, 1, None, n, n, device=device, _compile=device.type == "cuda")
         return PackedMask(layout, block_mask=block_mask)
     seg = layout.segment[layout.index]  # [B, l]
     pos = layout.position[layout.index]
