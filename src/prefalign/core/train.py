@@ -53,7 +53,7 @@ class TrainConfig:
     lr_scheduler: str = "cosine"  # any transformers.get_scheduler name: linear, cosine, constant, ...
     max_grad_norm: float = 1.0  # 0 disables clipping
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # float32 on CPU by default (bf16 is slow there)
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
     shuffle: bool = True
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only at the end (when the method has an evaluation)
