@@ -229,3 +229,21 @@ def test_vocabulary_chunks_give_the_naive_logps_and_gradients(make, monkeypatch)
         for j, value in enumerate(row):
             assert float(logps[b, j]) == pytest.approx(float(value), abs=1e-4)
     assert float((g_chunked - g_naive).norm() / g_naive.norm()) < 1e-4
+
+
+def test_attention_argument_not_implemented_falls_back_before_any_work(capsys):
+    """GPT-OSS passes attention sinks (`s_aux`) that the packed attention does not implement: the check
+    before training says so in one line and the padded layout is used (instead of a traceback later)."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(0)
+    config = GptOssConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+        pad_token_id=0, eos_token_id=1, bos_token_id=1,
+    )  # fmt: skip
+    model = GptOssForCausalLM(config).eval()
+    assert packing.support(model) is None  # it has the interface; what it passes is the problem
+    assert choose_layout(model, records(), pad_token_id=0) is False
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("data.packing")]
+    assert len(lines) == 1 and "s_aux" in lines[0]
