@@ -33,6 +33,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun_two() -> list[str]:
+    """The command that starts 2 ranks on this machine (see the module docstring for why not accelerate)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+    ]
+
+
 def setup_run(tmp_path, steps: int):
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
@@ -110,15 +123,7 @@ def test_two_processes_match_one_process_with_double_accumulation(tmp_path):
         timeout=300,
     )
     two = tmp_path / "two"
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
+    launch = torchrun_two()
     done = subprocess.run(
         [
             *launch,
@@ -159,15 +164,7 @@ def test_fsdp2_two_processes_match_one_process_with_double_accumulation(tmp_path
     subprocess.run(
         [sys.executable, worker, str(tmp_path / "one.json"), str(steps)], check=True, env=env, timeout=300
     )
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
+    launch = torchrun_two()
     done = subprocess.run(
         [*launch, worker, str(tmp_path / "two.json"), str(steps)],
         env=env,
