@@ -36,22 +36,22 @@ BASE = dict(
 def build(name, **extra):
     """Tiny random models; weights widened (x3) so log-probs vary and mask faults show."""
     torch.manual_seed(0)
-    extra = {"sliding_window": WINDOW, **extra} if name != "llama" else extra
+    extra = {**BASE, **({"sliding_window": WINDOW} if name != "llama" else {}), **extra}
     if name == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**BASE, **extra))
+        model = LlamaForCausalLM(LlamaConfig(**extra))
     elif name == "mistral":  # every layer slides
-        model = MistralForCausalLM(MistralConfig(**BASE, **extra))
+        model = MistralForCausalLM(MistralConfig(**extra))
     elif name == "qwen2":  # layer 0 full, layer 1 sliding (use_sliding_window from max_window_layers on)
-        config = Qwen2Config(**BASE, use_sliding_window=True, max_window_layers=1, **extra)
+        config = Qwen2Config(use_sliding_window=True, max_window_layers=1, **extra)
         assert config.layer_types == ["full_attention", "sliding_attention"]
         model = Qwen2ForCausalLM(config)
     elif name == "gemma2":  # attention-logit softcapping 50 (its default) + alternating sliding layers
-        config = Gemma2Config(**BASE, head_dim=8, **extra)
+        config = Gemma2Config(head_dim=8, **extra)
         assert config.attn_logit_softcapping and "sliding_attention" in config.layer_types
         model = Gemma2ForCausalLM(config)
     elif name == "gemma3":
         layer_types = ["sliding_attention", "full_attention"]
-        config = Gemma3TextConfig(**BASE, head_dim=8, layer_types=layer_types, **extra)
+        config = Gemma3TextConfig(head_dim=8, layer_types=layer_types, **extra)
         model = Gemma3ForCausalLM(config)
     else:
         raise ValueError(name)

@@ -96,12 +96,16 @@ def test_flex_path_equals_the_naive_computation(arch, path):
 
 
 def test_paths_choose_by_device_and_waste(monkeypatch):
-    """CPU: blocks unless they would be mostly padding; one long record among short ones -> loop."""
+    """CPU: blocks unless they would be mostly padding (one long record among short ones) or attention
+    dropout is on in training -> loop."""
     monkeypatch.delenv("PREFALIGN_PACKED_ATTENTION", raising=False)
     model = build("llama")
     assert packing.choose_path(model, collate_packed(records())) == "blocks"
     skewed = records(lengths=((60, 60), (1, 1), (1, 1), (1, 1), (1, 1), (1, 1)))
     assert packing.choose_path(model, collate_packed(skewed)) == "loop"
+    dropout = build("llama", attention_dropout=0.1)
+    assert packing.choose_path(dropout.eval(), collate_packed(records())) == "blocks"
+    assert packing.choose_path(dropout.train(), collate_packed(records())) == "loop"
 
 
 def short_and_long():

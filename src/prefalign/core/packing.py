@@ -16,7 +16,7 @@ How: the model runs with attention implementation `prefalign_packed`, registered
   * `blocks` - the records gathered into one [records, heads, longest, dim] batch, one attention call
                (vectorized; any device);
   * `loop`   - one attention call per record (the fallback: used when the blocks would waste > 4x the
-               packed area on padding, or when asked for).
+               packed area on padding, with attention dropout in training, or when asked for).
   Logit softcapping (Gemma2) is applied in every path. The path can be forced with the environment
   variable PREFALIGN_PACKED_ATTENTION=flex|blocks|loop; the first use of each path prints one line.
 
@@ -102,8 +102,10 @@ def make_layout(batch: dict, path: str) -> PackedLayout:
 
 
 def choose_path(model, batch: dict) -> str:
-    """flex on CUDA when torch has it (and no attention dropout is active), blocks elsewhere; the loop when
-    the blocks would be mostly padding (records of very different lengths)."""
+    """flex on CUDA when torch has it, blocks elsewhere; the loop when the blocks would be mostly padding
+    (records of very different lengths) or when attention dropout is active in training (flex has none, and
+    the loop draws the same dropout masks as one SDPA call per record always did, so runs with dropout
+    reproduce earlier ones)."""
     forced = os.environ.get("PREFALIGN_PACKED_ATTENTION", "auto")
     if forced in PATHS:
         return forced
@@ -112,12 +114,20 @@ def choose_path(model, batch: dict) -> str:
             f"PREFALIGN_PACKED_ATTENTION={forced!r}: use one of auto, {', '.join(PATHS)}"
         )
     config = getattr(model, "config", None)
-    dropout = float(getattr(config, "attention_dropout", 0.0) or 0.0) if model.training else 0.0
-    if batch["input_ids"].is_cuda and dropout == 0.0 and _flex() is not None:
+    dropout = _attention_dropout(config) if model.training else 0.0
+    if dropout > 0:
+        return "loop"
+    if batch["input_ids"].is_cuda and _flex() is not None:
         return "flex"
     offsets = batch["record_offsets"]
     lengths = (offsets[1:] - offsets[:-1]).double()
     return "blocks" if len(lengths) * lengths.max() ** 2 <= 4 * (lengths**2).sum() else "loop"
+
+
+def _attention_dropout(config) -> float:
+    """The attention dropout a config sets, under any of transformers' names for it."""
+    names = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob", "attn_dropout")
+    return max((float(getattr(config, n, 0.0) or 0.0) for n in names), default=0.0)
 
 
 def _flex():
