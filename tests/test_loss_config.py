@@ -39,7 +39,9 @@ def test_an_option_is_accepted_exactly_when_the_loss_takes_it(method, name, opti
         built = build(module.LossConfig, section, prefix="loss.")
         assert build_loss(built, module.LOSSES, CONSUMED.get(method, ()))[2][option] == OPTION_VALUES[option]
     else:
-        with pytest.raises(ConfigError, match=rf"config key 'loss.{option}': loss '{name}' has no option '{option}'"):
+        with pytest.raises(
+            ConfigError, match=rf"config key 'loss.{option}': loss '{name}' has no option '{option}'"
+        ):
             build(module.LossConfig, section, prefix="loss.")
 
 
@@ -64,7 +66,9 @@ def test_label_smoothing_is_refused_by_losses_that_ignore_it():
     cfg = build(dpo.Config, {"loss": {"name": "dpo", "label_smoothing": 0.3}})
     loss = dpo.PreferenceLoss(cfg.loss)
     h = torch.tensor([[-1.0, -3.0]])  # policy log-probs; reference 0: margin h = 2, β = 0.1
-    losses, _ = loss(h, torch.zeros(1, 2), torch.tensor([[0, 1]]), torch.ones(1, 2), torch.ones(1, 2, dtype=torch.bool))
+    losses, _ = loss(
+        h, torch.zeros(1, 2), torch.tensor([[0, 1]]), torch.ones(1, 2), torch.ones(1, 2, dtype=torch.bool)
+    )
     expected = -0.7 * math.log(1 / (1 + math.exp(-0.2))) - 0.3 * math.log(1 / (1 + math.exp(0.2)))
     assert losses.item() == pytest.approx(expected, rel=1e-6)
 

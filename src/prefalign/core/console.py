@@ -211,9 +211,12 @@ def truncation_row(encoded) -> str:
     return text + (f"; {dropped} records dropped (identical after truncation)" if dropped else "")
 
 
-def lm_rows(cfg, records, eval_records, encoded, reference: str | None) -> dict[str, str]:
+def lm_rows(
+    cfg, records, eval_records, encoded, reference: str | None, packed: bool | None = None
+) -> dict[str, str]:
     """The console rows of a language-model run: data, split, truncation, reference, packing.
-    `reference`: None for a reference-free loss, else the configured strategy."""
+    `reference`: None for a reference-free loss, else the configured strategy; `packed`: the layout the run
+    uses (None: the one data.packing asks for)."""
     rows = data_rows(cfg.data, records, eval_records, cfg.train.seed)
     rows["truncated"] = truncation_row(encoded)
     if reference is None:
@@ -225,9 +228,15 @@ def lm_rows(cfg, records, eval_records, encoded, reference: str | None) -> dict[
             "frozen": "a frozen copy of the initial policy, run on every batch",
             "adapter": "the policy with its LoRA adapters disabled",
         }[strategy] + f" (model.reference.strategy {reference})"
-    rows["packing"] = (
-        "on (data.packing: true): padding-free rows, each prompt once; checked equal to padded batches"
-        if cfg.data.packing
-        else "off: right-padded batches (data.packing: false)"
-    )
+    packed = cfg.data.packing if packed is None else packed
+    if packed:
+        rows["packing"] = (
+            "on (data.packing: true): padding-free rows, each prompt once; checked equal to padded batches"
+        )
+    elif cfg.data.packing:
+        rows["packing"] = (
+            "off: this model cannot run the packed layout (see the line above); right-padded batches"
+        )
+    else:
+        rows["packing"] = "off: right-padded batches (data.packing: false)"
     return rows

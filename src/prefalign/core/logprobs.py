@@ -14,6 +14,7 @@ Two batch layouts give the same log-probs (tested to 1e-5):
 """
 
 import contextlib
+import sys
 
 import torch
 
@@ -26,7 +27,7 @@ from prefalign.core.encode import (  # noqa: F401  (encode_records, is_chat: re-
     position_limit,
     special_prefix,
 )
-from prefalign.core.packing import packed_token_logps
+from prefalign.core.packing import PackingUnsupported, packed_token_logps, support
 
 
 def _record_fields(encoded: list[EncodedRecord]) -> dict:
@@ -163,24 +164,79 @@ def sequence_logps(model, batch: dict, average: bool = False):
     return _per_record(batch, token_logps.sum(-1), mask.sum(-1), average)
 
 
+# per-token tolerance of check_packing by the model's precision: float32 sums differ by reduction order only
+# (~1e-6 per token); bfloat16 rounds to 3 significant digits, so two equally valid layouts of the same
+# records differ by up to ~1e-3 per token on the compat matrix's models (a fault such as a dropped sliding
+# window moves the mean by 0.1-0.5)
+TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+CHECK_RECORDS = 4
+
+
+def packing_tolerance(model) -> float:
+    """check_packing's per-token tolerance for the least precise floating dtype among `model`'s weights."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return max((TOLERANCE.get(d, 2e-2) for d in dtypes), default=1e-4)
+
+
+def longest_records(encoded: list[EncodedRecord], n: int = CHECK_RECORDS) -> list[EncodedRecord]:
+    """The `n` records with the longest prompt + candidate (then the most candidates): where a mask fault
+    such as a dropped sliding window shows, unlike in short records."""
+    key = [(len(r.prompt_ids) + max(map(len, r.response_ids)), len(r.response_ids)) for r in encoded]
+    order = sorted(range(len(encoded)), key=lambda i: key[i], reverse=True)
+    return [encoded[i] for i in sorted(order[:n])]
+
+
 @torch.no_grad()
-def check_packing(model, encoded: list[EncodedRecord], pad_token_id: int, tolerance: float = 1e-4) -> None:
-    """Raise unless packed and padded log-probs of `encoded` agree (mean per token, to `tolerance`): a model
-    that does not place tokens by `position_ids` or ignores the attention-function interface fails here."""
+def check_packing(
+    model, encoded: list[EncodedRecord], pad_token_id: int, tolerance: float | None = None
+) -> None:
+    """Raise `PackingUnsupported` (a ValueError) unless packed and padded log-probs agree on the longest
+    `CHECK_RECORDS` of `encoded` (mean per token, to `tolerance`, by default `packing_tolerance(model)`).
+
+    A model without the attention-function interface, one whose packed forward raises, and one whose numbers
+    differ (a mask rule the packed layout does not reproduce) all fail here."""
+    reason = support(model)
+    if reason is not None:
+        raise PackingUnsupported(f"{reason}; set data.packing: false")
+    records = longest_records(encoded)
+    if not records:
+        return
+    tolerance = packing_tolerance(model) if tolerance is None else tolerance
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        padded, n_tokens = sequence_logps(model, _to(collate(encoded, pad_token_id), device))
-        packed, _ = sequence_logps(model, _to(collate_packed(encoded), device))
+        padded, n_tokens = sequence_logps(model, _to(collate(records, pad_token_id), device))
+        try:
+            packed, _ = sequence_logps(model, _to(collate_packed(records), device))
+        except (ValueError, TypeError, NotImplementedError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise PackingUnsupported(
+                f"{type(model).__name__} fails on the packed layout ({first}); set data.packing: false"
+            ) from e
     finally:
         model.train(was_training)
     gap = float(((packed - padded) / n_tokens.clamp(min=1)).abs().max())
     if not gap <= tolerance:
-        raise ValueError(
-            f"packed and padded log-probs of {type(model).__name__} differ by {gap:.2e} per token: "
-            "this model does not support padding-free packing; set data.packing: false"
+        raise PackingUnsupported(
+            f"packed and padded log-probs of {type(model).__name__} differ by {gap:.2e} per token "
+            f"(tolerance {tolerance:.0e} for its dtype): this model does not support padding-free packing; "
+            "set data.packing: false"
         )
+
+
+def choose_layout(model, encoded: list[EncodedRecord], pad_token_id: int, packing: bool = True) -> bool:
+    """Packed batches when `packing` is asked for and `check_packing` passes on this model and these records;
+    otherwise padded batches, with one line saying why. Call it before any heavy work."""
+    if not packing:
+        return False
+    try:
+        check_packing(model, encoded, pad_token_id)
+    except PackingUnsupported as e:
+        reason = str(e).removesuffix("; set data.packing: false")
+        print(f"data.packing: {reason}; using padded batches instead", file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 def _to(batch: dict, device) -> dict:

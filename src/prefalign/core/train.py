@@ -34,6 +34,7 @@ from prefalign.core import console
 from prefalign.core.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from prefalign.core.errors import ConfigError, NonFiniteLossError
 from prefalign.core.metrics import MetricsLog
+from prefalign.core.packing import checkpoint_contexts
 
 
 @dataclass
@@ -56,6 +57,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 disables clipping
     # autocast of the forward pass; weights keep model.dtype (GPU: float32 weights + bf16; CPU: no)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
     shuffle: bool = True  # a new seeded order of the records every epoch (false: file order)
     log_every: int = 10  # optimizer steps per line in metrics.jsonl and on the console
     eval_every: int = 0  # 0: evaluate only at the end (when the method has an evaluation)
@@ -215,6 +217,8 @@ def fit(
     per_step = cfg.grad_accum * n_proc
     max_steps = total_steps(cfg, len(dataset), n_proc)
 
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters (requires_grad=False everywhere)")
@@ -304,6 +308,23 @@ def fit(
     if cfg.report_to:
         accelerator.end_training()
     return FitResult(unwrap(model), run_dir, log.history, accelerator)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """`train.gradient_checkpointing`: transformers' / diffusers' own switch (non-reentrant checkpoints, so
+    frozen inputs and LoRA need no extra hooks); a config error for a model without one."""
+    bare = unwrap(model)
+    if getattr(bare, "supports_gradient_checkpointing", False) or hasattr(bare, "base_model"):
+        # transformers (and peft, which forwards it)
+        # packed batches: a recomputed layer runs with the packed attention again (core/packing.py)
+        kwargs = {"use_reentrant": False, "context_fn": checkpoint_contexts}
+        bare.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif hasattr(bare, "enable_gradient_checkpointing"):  # diffusers
+        bare.enable_gradient_checkpointing()
+    else:
+        raise ConfigError(
+            f"config key 'train.gradient_checkpointing': {type(bare).__name__} has no gradient checkpointing"
+        )
 
 
 def _resume(run_dir, cfg, model, optimizer, scheduler, accelerator, stateful, log) -> tuple[int, int]:

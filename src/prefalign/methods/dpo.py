@@ -22,7 +22,7 @@ from prefalign.core.data import DataConfig, load_records
 from prefalign.core.encode import apply_chat_template, encode_data, fit_lengths
 from prefalign.core.errors import ConfigError
 from prefalign.core.evaluation import held_out_records, truth_notes_and_samples
-from prefalign.core.logprobs import check_packing, collate, sequence_logps
+from prefalign.core.logprobs import choose_layout, collate, sequence_logps
 from prefalign.core.metrics import WeightedMean, preference_metrics
 from prefalign.core.models import (
     ModelConfig,
@@ -191,6 +191,8 @@ def setup(cfg: Config, ctx, *, records=None, eval_records=None, model=None, toke
     lengths = fit_lengths(cfg.data, model)
     train_set = encode_data(tokenizer, records, cfg.data, "data.train", lengths)
     eval_set = encode_data(tokenizer, eval_records or [], cfg.data, "data.eval", lengths)
+    # packed or padded, decided on this model and the longest training records before any heavy work
+    packed = choose_layout(model, train_set, pad, cfg.data.packing)
     reference_fn = None
     if loss.needs_reference:
         reference_fn = prepare_reference(
@@ -202,8 +204,6 @@ def setup(cfg: Config, ctx, *, records=None, eval_records=None, model=None, toke
             average=loss.average,
             cache_dir=str(ctx.run_dir / "reference_cache"),
         )
-    if cfg.data.packing:
-        check_packing(model, train_set[:4], pad)
 
     held_out = (
         (lambda policy: evaluate_loss(policy, eval_set, loss, pad, cfg.train.eval_batch_size, reference_fn))
@@ -216,12 +216,12 @@ def setup(cfg: Config, ctx, *, records=None, eval_records=None, model=None, toke
     return Job(
         model=model,
         dataset=train_set,
-        collate=lambda items: collate(items, pad, packed=cfg.data.packing),
+        collate=lambda items: collate(items, pad, packed=packed),
         step=make_step(loss, reference_fn),
         evaluate=evaluate,
         save=lambda trained, path: save_model(trained, tokenizer, path),
         desc=loss.name,
-        info=lm_rows(cfg, records, eval_records, train_set, reference),
+        info=lm_rows(cfg, records, eval_records, train_set, reference, packed),
     )
 
 
