@@ -172,13 +172,19 @@ def test_pairs_of_a_top_m_ranking_by_hand():
 
 
 def test_unique_records_map_back():
+    """Distinct records up to the order the candidates were shown in: 2 contexts x 3 unordered pairs x 2
+    rankings at most; every record's likelihood under any reward table is its distinct record's."""
     world = make_world(n_contexts=2, n_candidates=3, type_weights=[[1.0]], seed=0)
-    prefs = sample_preferences(world, 200, n_shown=2, seed=0)
-    distinct, inverse = prefs.unique()
-    assert len(distinct) <= 2 * 6 * 2  # contexts x ordered candidate pairs x rankings
-    table = torch.arange(6, dtype=torch.float64).reshape(2, 3)
-    assert torch.equal(distinct.gather(table)[inverse], prefs.gather(table))
-    assert torch.equal(distinct.ranking[inverse], prefs.ranking)
+    for n_shown, n_ranked, most in ((2, 2, 2 * 3 * 2), (3, 1, 2 * 3), (3, 3, 2 * 6)):
+        prefs = sample_preferences(world, 300, n_shown=n_shown, n_ranked=n_ranked, seed=0)
+        distinct, inverse = prefs.unique()
+        assert len(distinct) <= most
+        table = torch.randn(2, 3, dtype=torch.float64)
+        want = ranking_log_likelihood(prefs.gather(table), prefs.ranking)
+        got = ranking_log_likelihood(distinct.gather(table), distinct.ranking)[inverse]
+        assert torch.allclose(got, want, atol=1e-12)
+        winners = torch.gather(prefs.items, 1, prefs.ranking[:, :1])
+        assert torch.equal(torch.gather(distinct.items, 1, distinct.ranking[:, :1])[inverse], winners)
 
 
 def test_every_pair_is_exhaustive_and_noise_free():
