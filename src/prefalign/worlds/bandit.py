@@ -19,6 +19,12 @@
   `Preferences` holds index tensors that the library's losses and EM-DPO's E-step take directly
   (`gather` turns any [X, Y] table, e.g. a policy's log-probs, into the [N, n] values of the shown candidates).
 
+A pairwise loss trains a tabular policy on exact log-probs (what an MPO/DPO frontier needs):
+
+    ctx, chosen, rejected, _ = every_pair(world).pairs()                # deterministic, noise-free
+    logp, ref = policy.log_probs(), world.reference_logps()
+    losses, _, _ = dpo_loss(logp[ctx, chosen], logp[ctx, rejected], ref[ctx, chosen], ref[ctx, rejected], beta)
+
 Everything is float64 torch; a world of 1000 contexts and 16k annotators fits in memory many times over.
 """
 
