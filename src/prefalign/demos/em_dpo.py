@@ -31,13 +31,16 @@ from prefalign.demos.em_dpo_reviews import em_config  # noqa: F401  (re-exported
 from prefalign.worlds.reviews import ReviewsWorld
 
 
-def run(out_dir: Path, quick: bool = False, seeds: list[int] | None = None) -> dict:
-    seeds, out_dir, started = seeds or [0], Path(out_dir), time.time()
+def run(
+    out_dir: Path, quick: bool = False, seeds: list[int] | None = None, sizes: dict | None = None
+) -> dict:
+    """`sizes` = {"bandit": {...}, "reviews": {...}} overrides the settings (tests run a miniature demo)."""
+    seeds, out_dir, started, sizes = seeds or [0], Path(out_dir), time.time(), sizes or {}
     bandit_seeds = sorted(set(seeds) | {0, 1, 2})  # exact and cheap: always at least 3 seeds
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        bandit_part = pool.submit(bandit.run, quick, bandit_seeds)
-        reviews_part = run_reviews(out_dir, quick, seeds)
+        bandit_part = pool.submit(bandit.run, quick, bandit_seeds, sizes.get("bandit"))
+        reviews_part = run_reviews(out_dir, quick, seeds, sizes.get("reviews"))
         bandit_part = bandit_part.result()
     summary = {"quick": quick, "seeds": seeds, "seconds": round(time.time() - started, 1),
                "bandit": bandit_part, "reviews": reviews_part}  # fmt: skip
@@ -48,8 +51,8 @@ def run(out_dir: Path, quick: bool = False, seeds: list[int] | None = None) -> d
     return summary
 
 
-def run_reviews(out_dir: Path, quick: bool, seeds: list[int]) -> dict:
-    s, started = reviews.settings(quick), time.time()
+def run_reviews(out_dir: Path, quick: bool, seeds: list[int], overrides: dict | None = None) -> dict:
+    s, started = {**reviews.settings(quick), **(overrides or {})}, time.time()
     world = ReviewsWorld(seed=0, quick=quick)
     base, tokenizer = world.reference()
     memo, fair = [], []

@@ -106,9 +106,9 @@ def fairness_experiment(s: dict, seeds: list[int]) -> dict:
     return out
 
 
-def run(quick: bool, seeds: list[int]) -> dict:
-    """Both bandit experiments -> the `bandit` section of the demo's summary."""
-    started, s = time.time(), settings(quick)
+def run(quick: bool, seeds: list[int], overrides: dict | None = None) -> dict:
+    """Both bandit experiments -> the `bandit` section of the demo's summary (`overrides`: sizes, for tests)."""
+    started, s = time.time(), {**settings(quick), **(overrides or {})}
     out = {"settings": {**s, **WORLD, "beta": BETA, "temperature": TEMPERATURE, "em": EM}, "seeds": seeds}
     out["identifiability"] = identifiability(s, seeds)
     out["fairness"] = fairness_experiment(s, seeds)
