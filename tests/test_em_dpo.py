@@ -512,7 +512,7 @@ def test_em_config_errors_are_named():
         em_dpo.EMConfig(restarts=0).validate()
     with pytest.raises(ConfigError, match="em.tolerance"):
         em_dpo.EMConfig(tolerance=-1.0).validate()
-    with pytest.raises(ConfigError, match="em.folds' = 3 must not exceed"):
+    with pytest.raises(ConfigError, match=r"em.folds' = 3 exceeds the number of annotators \(2\)"):
         _tiny_run([_rec("p", ["a", "b"], [0, 1], "u1"), _rec("p", ["a", "b"], [1, 0], "u2")], folds=3)
 
 

@@ -290,12 +290,11 @@ def run_em(cfg: Config, records, base_model, tokenizer, *, true_types=None, init
     With `run_dir`, every iteration is checkpointed and a rerun continues where a killed one stopped."""
     names, index = annotator_index(records)
     K, em = cfg.em.n_types, cfg.em
-    if K > len(names) or em.folds > len(names):
+    if K > len(names):
+        raise ConfigError(f"config key 'em.n_types' = {K} exceeds the number of annotators ({len(names)})")
+    if em.folds > len(names):
         raise ConfigError(
-            f"config keys 'em.n_types' = {K} and 'em.folds' = {em.folds} must not exceed the number of "
-            f"annotators ({len(names)})"
-            if em.folds > 1
-            else f"config key 'em.n_types' = {K} exceeds the number of annotators ({len(names)})"
+            f"config key 'em.folds' = {em.folds} exceeds the number of annotators ({len(names)})"
         )
     pad = pad_token_id(tokenizer)
     encoded = encode_records(
