@@ -10,10 +10,10 @@ from prefalign.cli import app
 
 
 @pytest.mark.slow
-def test_dpo_demo_quick_improves_the_true_reward(tmp_path):
-    out = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["demo", "dpo", "--quick", "--out", str(out)])
-    assert result.exit_code == 0, result.output
+def test_dpo_demo_quick_improves_the_true_reward(tour):
+    out = (
+        tour / "runs" / "demo-dpo-quick"
+    )  # `prefalign demo dpo --quick`, run once by the README tour fixture
     summary = json.loads((out / "summary.json").read_text())
     for row in ("reference", "dpo", "ipo"):
         assert {"true_reward", "kl", "win_rate"} <= summary[row].keys()

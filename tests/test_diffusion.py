@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from prefalign import runner
-from prefalign.core import diffusion, images
+from prefalign.core import diffusion, images, pipelines
 from prefalign.core.config import build
 from prefalign.core.report import read_metrics
 from prefalign.losses import diffusion_dpo_loss, sspo_loss
@@ -272,7 +272,8 @@ def test_image_folder_pairs(tmp_path):
     with pytest.raises(ValueError, match="row 3, field 'label'"):
         images.load_image_data(tmp_path)
     (tmp_path / "pairs.csv").write_text("chosen,rejected,label\na.png,b.png,7\n")
-    data = images.load_image_data(tmp_path)
+    dataset = images.load_image_data(tmp_path)
+    data = images.collate_images([dataset[i] for i in range(len(dataset))])
     assert data["context"].tolist() == [7] and data["chosen"].max() == 1 and data["rejected"].min() == -1
 
 
@@ -289,11 +290,10 @@ def test_diffusion_dpo_step_with_lora_disabled_reference(tiny_base, tmp_path):
             "data": {"train": write_pairs(tmp_path / "p.npz")},
         },
     )
-    unet, sched = diffusion.load_base(cfg.model)
+    parts = pipelines.load_base(cfg.model)
+    unet, sched = parts.unet, parts.scheduler
     assert all("lora" in n for n, p in unet.named_parameters() if p.requires_grad)
-    batch = images.collate_images(
-        [images.ImageDataset(images.load_image_data(cfg.data.train))[i] for i in range(4)]
-    )
+    batch = images.collate_images([images.load_image_data(cfg.data.train)[i] for i in range(4)])
     step = diffusion_dpo.make_step(sched, diffusion_dpo.make_reference(unet, "lora_disabled"), beta=100.0)
     loss, metrics = step(unet, batch)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
@@ -310,11 +310,10 @@ def test_sspo_step_leaves_bank_and_reference_untouched(tiny_base, tmp_path):
             "sspo": {"reference_sample": {"steps": 2}},
         },
     )
-    unet, sched = diffusion.load_base(cfg.model)
+    parts = pipelines.load_base(cfg.model)
+    unet, sched = parts.unet, parts.scheduler
     state = sspo.SSPOState(unet, cfg, micro_batches_per_update=1)
-    batch = images.collate_images(
-        [images.ImageDataset(images.load_image_data(cfg.data.train, False))[i] for i in range(4)]
-    )
+    batch = images.collate_images([images.load_image_data(cfg.data.train, False)[i] for i in range(4)])
     loss, metrics = sspo.make_step(sched, state, cfg)(unet, batch)
     loss.backward()
     assert metrics["sspo/flip_rate"].item() == 0  # first step: model = checkpoint => Δ_w = 0 => s = +1
@@ -361,8 +360,8 @@ def test_sspo_resume_replays_the_same_run(tiny_base, tmp_path):
             and rb["sspo/flip_rate"] == ra["sspo/flip_rate"]
         )
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
-    a, _ = diffusion.load_final(straight)
-    b, _ = diffusion.load_final(resumed)
+    model = pipelines.DiffusionModelConfig(name_or_path=tiny_base)
+    a, b = pipelines.load_trained(straight, model).unet, pipelines.load_trained(resumed, model).unet
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(pa, pb, atol=2e-3, rtol=0, msg=name)  # Adam steps are ~lr = 1e-3
 
@@ -398,5 +397,9 @@ def test_diffusion_dpo_improves_the_held_out_score(tmp_path):
             "train": {**train, "output_dir": str(tmp_path / "dpo")},
         },
     )
-    dpo_score = float(evaluate(*diffusion.load_final(runner.run(dpo_cfg).run_dir))["score"])
+    run_dir = runner.run(dpo_cfg).run_dir
+    trained = pipelines.load_trained(run_dir, dpo_cfg.model)
+    dpo_score = float(evaluate(trained.unet, trained.scheduler)["score"])
     assert dpo_score > base + 0.02, (base, dpo_score)
+    numbers = runner.evaluate(run_dir)  # `prefalign eval`: the world's score and the pairs' implicit accuracy
+    assert 0 < numbers["score"] <= 1 and numbers["train_pairs/rewards/accuracies"] > 0.5, numbers

@@ -98,7 +98,7 @@ def test_train_on_user_jsonl_learns_the_preference(tmp_path, tiny_model_dir):
     # the reference log-probs were precomputed and cached on disk
     assert list((run / "reference_cache").glob("*.safetensors"))
     # `prefalign eval RUN_DIR` reloads final/ and reproduces the held-out accuracy of the last evaluation
-    evaluated = CliRunner().invoke(app, ["eval", str(run)])
+    evaluated = CliRunner().invoke(app, ["eval", str(run), "--json"])  # without --json: a summary
     assert evaluated.exit_code == 0, evaluated.output
     numbers = json.loads(evaluated.output[evaluated.output.index("{") :])
     assert numbers["eval/rewards/accuracies"] == pytest.approx(evals[-1]["eval/rewards/accuracies"], abs=1e-6)

@@ -12,28 +12,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from transformers import GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 
 from prefalign import runner
 from prefalign.cli import app
 from prefalign.worlds import digits_ddpm
-from prefalign.worlds.reviews import build_tokenizer
 
 WORDS = ["tasty", "fresh", "bland", "soggy", "great", "awful"]
 
 
 @pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("lm")
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=16, n_positions=32,
-                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
-    GPT2LMHeadModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def lm_dir(tiny_lm):
+    return tiny_lm  # tests/conftest.py: a 1-layer GPT-2 with the reviews tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +62,7 @@ def image_pairs(path, n=12):
     return path
 
 
-TRAIN = {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-3, "log_every": 1, "progress": False}
+TRAIN = {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-3, "log_every": 1, "progress": True}
 
 
 def method_config(method, tmp_path, lm_dir, unet_dir):
@@ -123,6 +113,7 @@ def test_train_then_eval_every_method(method, tmp_path, lm_dir, unet_dir):
     path.write_text(yaml.safe_dump(method_config(method, tmp_path, lm_dir, unet_dir)))
     trained = CliRunner().invoke(app, ["train", str(path)])
     assert trained.exit_code == 0, trained.output
+    assert f"prefalign: {method} -> " in trained.output and "done: " in trained.output  # the console
     run = tmp_path / "run"
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["method"] == method and (run / "final").is_dir()

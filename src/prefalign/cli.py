@@ -1,5 +1,5 @@
-"""The `prefalign` command: train, demo, eval (and method-specific verbs). Every user error is one
-`error:` line and exit code 2."""
+"""The `prefalign` command: train, eval, export, config, init, demo (and method-specific verbs). Every user
+error is one `error:` line and exit code 2."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from typing import Annotated
 import typer
 
 from prefalign import __version__, runner
+from prefalign.core import console
+from prefalign.core.config import loss_options
+from prefalign.core.config_doc import key_table, starter_yaml
 from prefalign.core.errors import UserError
 from prefalign.methods import mpo
 from prefalign.methods.em_dpo.aggregate import aggregate_run
@@ -32,6 +35,7 @@ DEMOS = {
     "em-dpo": "prefalign.demos.em_dpo",
     "pfm": "prefalign.demos.pfm",
     "sspo": "prefalign.demos.sspo",
+    "diffusion": "prefalign.demos.diffusion",
 }
 
 
@@ -55,19 +59,102 @@ def main_options(
     """Align generative models to preferences."""
 
 
-@app.command()
+KEYS_HELP = (
+    "Every key of a method's config, with its type, default and meaning: `prefalign config METHOD`; a "
+    f"commented starter config: `prefalign init METHOD > my.yaml` (methods: {', '.join(METHODS)})."
+)
+
+
+@app.command(epilog=KEYS_HELP)
 def train(
     config: Annotated[Path, typer.Argument(help="YAML recipe, e.g. configs/dpo_reviews.yaml")],
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="override: key.sub=value (repeatable)")
     ] = None,
 ):
-    """Train any method from a YAML config (`method: dpo|mpo|em_dpo|pfm|diffusion_dpo|sspo`)."""
+    """Train any method from a YAML config (`method: dpo|mpo|em_dpo|pfm|diffusion_dpo|sspo`).
+
+    The console shows what will run (model, data, split, device, steps), a line of metrics every train.log_every steps (a progress bar too, on a terminal) and where everything was written."""
     try:
         result = runner.run(runner.load_config(config, set_))
     except UserError as e:
         _fail(str(e))
     typer.echo(f"run directory: {result.run_dir}")
+
+
+def _method(name: str) -> str:
+    method = name.replace("-", "_")
+    if method not in METHODS:
+        _fail(f"unknown method '{name}'; choose one of: {', '.join(METHODS)}")
+    return method
+
+
+# what `prefalign init` writes for keys a user must fill in: {key: (placeholder, comment)}
+LM_REQUIRED = {
+    "model.name_or_path": ("Qwen/Qwen2.5-0.5B-Instruct", "a local model folder, a hub id or world:NAME"),
+    "data.train": (
+        "my_prefs.jsonl",
+        "preference data (.jsonl/.json/.parquet/.csv, datasets folder, hub name)",
+    ),
+}
+REQUIRED = {
+    "dpo": LM_REQUIRED,
+    "mpo": LM_REQUIRED,
+    "em_dpo": LM_REQUIRED,
+    "pfm": {"data.train": ("pairs.npz", "arrays chosen, rejected [N, ...] (+ optional context)")},
+    "diffusion_dpo": {
+        "model.name_or_path": (
+            "world:digits",
+            "an SD-1.x/2.x or SDXL pipeline (folder or hub id), a folder with unet/ + scheduler/, or world:NAME",
+        ),
+        "data.train": (
+            "world:digits-judge",
+            "Pick-a-Pic-style pairs (.parquet/.csv/folder/datasets), a pairs .npz, or world:NAME",
+        ),
+    },
+    "sspo": {
+        "model.name_or_path": (
+            "world:digits",
+            "an SD-1.x/2.x or SDXL pipeline (folder or hub id), a folder with unet/ + scheduler/, or world:NAME",
+        ),
+        "data.train": (
+            "world:digits-judge",
+            "winners (caption + image) or Pick-a-Pic-style pairs, a .npz, or world:NAME",
+        ),
+    },
+}
+
+
+@app.command("config", epilog=KEYS_HELP)
+def config_(method: Annotated[str, typer.Argument(help=f"one of: {', '.join(METHODS)}")]):
+    """Print every key of METHOD's config: dotted key, type, default, meaning."""
+    method = _method(method)
+    module = runner.method_module(method)
+    typer.echo(
+        f"{method}: every config key (set it in the YAML, or with --set key=value)\n"
+        "key, type, default (null: unset), meaning\n"
+    )
+    typer.echo(key_table(module.Config, skip=set(getattr(module, "RENAMES", {}))))
+    losses = getattr(module, "LOSSES", {})
+    if losses:
+        typer.echo("\noptions each loss.name takes (unset: the default shown):")
+        for name, fn in losses.items():
+            options = ", ".join(f"{k} {v}" for k, v in loss_options(fn).items()) or "none"
+            typer.echo(f"  {name}: {options}")
+
+
+@app.command()
+def init(method: Annotated[str, typer.Argument(help=f"one of: {', '.join(METHODS)}")]):
+    """Print a commented starter config for METHOD (every key at its default): prefalign init dpo > my.yaml"""
+    method = _method(method)
+    header = (
+        f"prefalign {method} config: every key at its default, with its meaning.\n"
+        "Fill in the REQUIRED keys, delete what you do not change, then: prefalign train THIS.yaml\n"
+        f"Types and defaults: prefalign config {method}"
+    )
+    module = runner.method_module(method)
+    text = starter_yaml(module.Config, header, REQUIRED[method], skip=set(getattr(module, "RENAMES", {})))
+    typer.echo(text, nl=False)
 
 
 @app.command()
@@ -98,13 +185,52 @@ def demo(
 
 
 @app.command("eval")
-def eval_(run_dir: Annotated[Path, typer.Argument(help="a run directory written by `prefalign train`")]):
-    """Evaluate a trained run (held-out data; ground truth in a world) -> RUN_DIR/eval.json, printed."""
+def eval_(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `prefalign train`")],
+    data: Annotated[
+        str | None, typer.Option(help="preference data to evaluate on (default: the run's held-out split)")
+    ] = None,
+    samples: Annotated[int, typer.Option(help="show N generated samples beside the reference's")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print eval.json instead of the summary")] = False,
+):
+    """Evaluate a trained run: held-out preference metrics (any --data), the world's ground truth when the
+    run started in one, and samples -> RUN_DIR/eval.json + RUN_DIR/eval.md."""
     try:
-        result = runner.evaluate(run_dir)
+        result = runner.evaluate(run_dir, data=data, samples=samples)
     except UserError as e:
         _fail(str(e))
-    typer.echo(json.dumps(result, indent=2, default=float))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=float))
+        return
+    for note in result.get("notes", []):
+        typer.echo(note)
+    numbers = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    typer.echo(console.block("results", {k: console.number(v) for k, v in numbers.items()}))
+    for sample in result.get("samples", []):
+        typer.echo(
+            f"\nprompt:    {sample['prompt']}\npolicy:    {sample['policy']}\nreference: {sample['reference']}"
+        )
+    typer.echo(f"\nwritten: {run_dir / 'eval.json'}, {run_dir / 'eval.md'}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `prefalign train`")],
+    out: Annotated[Path, typer.Argument(help="a new folder for the model")],
+    merge_lora: Annotated[
+        bool,
+        typer.Option("--merge-lora", help="merge LoRA adapters into the base: a plain transformers model"),
+    ] = False,
+    step: Annotated[
+        int | None, typer.Option(help="export checkpoints/step-N instead of final/ (dpo, mpo)")
+    ] = None,
+):
+    """Write the run's model as a folder `from_pretrained` opens (with its model card, README.md)."""
+    try:
+        what = runner.export(run_dir, out, merge_lora=merge_lora, step=step)
+    except UserError as e:
+        _fail(str(e))
+    typer.echo(f"exported {what} to {out}")
 
 
 @app.command("mpo-regdata")
@@ -143,6 +269,7 @@ def aggregate(
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    console.quiet_library_noise()
     app(prog_name="prefalign")
 
 

@@ -18,20 +18,24 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from prefalign.core import console
 from prefalign.core.checkpoint import checkpoints
-from prefalign.core.config import apply_overrides, apply_renames, build, load_yaml, to_dict
+from prefalign.core.config import apply_overrides, apply_renames, build, load_yaml, loss_options, to_dict
 from prefalign.core.errors import ConfigError
-from prefalign.core.report import write_summary
-from prefalign.core.train import FitResult, fit, make_accelerator, unwrap
+from prefalign.core.export import export_checkpoint, export_final, record_base_model
+from prefalign.core.report import eval_markdown, model_card, write_summary
+from prefalign.core.train import FitResult, fit, make_accelerator, total_steps, unwrap
 
 METHODS = {
     "dpo": "prefalign.methods.dpo",
@@ -170,17 +174,23 @@ def run(cfg, **inputs) -> RunResult:
     module = method_module(cfg.method)
     run_dir = Path(cfg.train.output_dir)
     created = not run_dir.exists()
-    accelerator = make_accelerator(cfg.train)
+    talk = cfg.train.progress
+    console.quiet_library_noise()
     try:
+        accelerator = make_accelerator(cfg.train)
         check_resumable(run_dir, cfg)
         if accelerator.is_main_process:
             _write_config(run_dir, cfg)
+            _record_world(run_dir, cfg)
         ctx = RunContext(cfg, run_dir, accelerator)
         job = module.setup(cfg, ctx, **inputs)
     except BaseException:
-        if created and accelerator.is_main_process:  # a run that never started leaves nothing behind
+        if created and console.is_main_process():  # a run that never started leaves nothing behind
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    if talk:
+        console.say(start_block(cfg, job, accelerator, run_dir))
+    started = time.time()
     if job.train is not None:
         result: FitResult = job.train(ctx)
     else:
@@ -192,21 +202,165 @@ def run(cfg, **inputs) -> RunResult:
     summary = _summary(cfg, job, result.history)
     if accelerator.is_main_process:
         if job.save is not None:
-            _save_final(job, model, run_dir)
+            final = _save_final(job, model, run_dir)
+            record_base_model(final, cfg.model.name_or_path if hasattr(cfg.model, "name_or_path") else "")
+            (final / "README.md").write_text(model_card(to_dict(cfg), summary, final))
         write_summary(run_dir, summary)
+        if talk:
+            options = inspect.signature(module.evaluate_run).parameters
+            console.say(closing_block(summary, run_dir, time.time() - started, options))
     accelerator.wait_for_everyone()
     return RunResult(run_dir, model, result.history, summary)
 
 
+def _sources_of(cfg) -> list[str]:
+    """The data files of an LM config's `data.train` (one or several sources)."""
+    train = getattr(getattr(cfg, "data", None), "train", None)
+    items = train if isinstance(train, list) else [train]
+    paths = [item if isinstance(item, str) else getattr(item, "path", None) for item in items]
+    return [p for p in paths if isinstance(p, str) and p]
+
+
+def _record_world(run_dir: Path, cfg) -> None:
+    """Copy the `world.json` found beside the training data (written by a demo: which world and annotator
+    types made the data) into the run, so `prefalign eval` reports ground truth for the right type."""
+    found = [Path(p).parent / "world.json" for p in _sources_of(cfg)]
+    texts = {f.read_text() for f in found if f.is_file()}
+    if len(texts) == 1 and len([f for f in found if f.is_file()]) == len(found):
+        (run_dir / "world.json").write_text(texts.pop())
+
+
+def start_block(cfg, job, accelerator, run_dir: Path) -> str:
+    """What will run: method, model and its size, data, split, device, precision, packing, steps."""
+    model = unwrap(job.model)
+    n_all, n_trainable = console.count_parameters(model)
+    lora = getattr(getattr(cfg.model, "lora", None), "enabled", False)
+    first = next(iter(model.parameters()), None)
+    dtype = str(first.dtype).removeprefix("torch.") if first is not None else "?"
+    name = getattr(cfg.model, "name_or_path", "") or type(model).__name__
+    what = f"{console.count(n_all)} parameters, {console.count(n_trainable)} trainable"
+    if lora:
+        what += f" (LoRA r {cfg.model.lora.r}, alpha {cfg.model.lora.alpha})"
+    loss_text = _loss_text(getattr(cfg, "loss", None), getattr(method_module(cfg.method), "LOSSES", {}))
+    t = cfg.train
+    n_proc = accelerator.num_processes
+    rows = {"model": f"{name}: {what}; weights {dtype}", "loss": loss_text, **job.info}
+    rows["device"] = (
+        f"{accelerator.device.type} ({n_proc} process{'es' if n_proc > 1 else ''}), "
+        f"mixed precision {accelerator.mixed_precision}"
+    )
+    if job.dataset is not None:
+        steps = total_steps(t, len(job.dataset), n_proc)
+        per_step = t.batch_size * t.grad_accum * n_proc
+        epochs = steps * per_step / len(job.dataset)
+        rows["steps"] = (
+            f"{steps} optimizer steps x {per_step} records (batch {t.batch_size} x grad_accum {t.grad_accum} "
+            f"x {n_proc} process{'es' if n_proc > 1 else ''}) = {epochs:.3g} epochs of {len(job.dataset)}; "
+            f"lr {console.number(t.learning_rate)} {t.lr_scheduler}, warmup {t.warmup_steps}"
+        )
+    found = checkpoints(run_dir) if t.resume else []
+    if found:
+        rows["resume"] = f"from {found[-1]}"
+    logging = [f"every {_steps(t.log_every)} -> {run_dir / 'metrics.jsonl'}"]
+    if job.evaluate is not None or job.train is not None:  # a method's own loop evaluates as it goes
+        logging.append(
+            "eval " + (f"every {_steps(t.eval_every)} and at the end" if t.eval_every else "at the end")
+        )
+    logging.append(
+        "checkpoints " + (f"every {_steps(t.save_every)} and at the end" if t.save_every else "at the end")
+    )
+    if t.report_to:
+        logging.append(f"trackers {', '.join(t.report_to)}")
+    rows["logging"] = "; ".join(logging)
+    return console.block(f"prefalign: {cfg.method} -> {run_dir}", rows)
+
+
+def _steps(n: int) -> str:
+    return f"{n} step{'s' if n != 1 else ''}"
+
+
+def _loss_text(section, losses: dict) -> str:
+    """`dpo (beta 0.1, label_smoothing 0)`: the loss and every option it runs with (given or default)."""
+    if section is None:
+        return ""
+    given = {k: v for k, v in dataclasses.asdict(section).items() if k != "name" and v is not None}
+    fn = losses.get(section.name)
+    options = {**(loss_options(fn) if fn is not None else {}), **given}
+    shown = ", ".join(f"{k} {console.number(v) if isinstance(v, float) else v}" for k, v in options.items())
+    return section.name + (f" ({shown})" if shown else "")
+
+
+def closing_block(summary: dict, run_dir: Path, seconds: float, eval_options=()) -> str:
+    """The end of a run: last training and eval metrics, where everything was written, what to run next
+    (`eval_options`: the options the method's `prefalign eval` takes)."""
+    final = run_dir / "final"
+    rows = {}
+    if summary.get("final"):
+        rows["train"] = "  ".join(
+            f"{k} {console.number(v)}" for k, v in console.metric_items(summary["final"])
+        )
+    if summary.get("eval"):
+        evals = console.metric_items({f"eval/{k}": v for k, v in summary["eval"].items()}, "eval/")
+        rows["eval"] = "  ".join(f"{k} {console.number(v)}" for k, v in evals)
+    rows["model"] = f"{final}/  (model card: {final / 'README.md'})" if final.is_dir() else None
+    rows["files"] = f"{run_dir}/  metrics.jsonl, summary.json, config.yaml, checkpoints/"
+    samples = " --samples 4" if "samples" in eval_options else ""
+    rows["next"] = f"prefalign eval {run_dir}{samples};  prefalign export {run_dir} OUT_DIR"
+    return console.block(f"done: {_steps(summary.get('steps', 0))} in {seconds:.1f} s", rows)
+
+
 def evaluate(run_dir: str | Path, **options) -> dict:
-    """`prefalign eval RUN_DIR`: the method's evaluation of a finished run, also written to RUN/eval.json."""
+    """`prefalign eval RUN_DIR [--data FILE] [--samples N]`: the method's evaluation of a finished run,
+    written to RUN/eval.json and RUN/eval.md (and into final/README.md). Options a method's
+    `evaluate_run` takes: `data` (held-out preference metrics on any data file instead of the run's eval
+    split), `samples` (that many generated samples beside the reference's)."""
     run_dir = Path(run_dir)
     cfg = config_of(run_dir)
     if not (run_dir / "final").is_dir():
         raise ConfigError(f"{run_dir} has no final/ (the run did not finish)")
-    result = method_module(cfg.method).evaluate_run(run_dir, cfg, **options)
+    evaluate_run = method_module(cfg.method).evaluate_run
+    takes = inspect.signature(evaluate_run).parameters
+    given = {k: v for k, v in options.items() if v}
+    for key in given:
+        if key not in takes:
+            raise ConfigError(f"eval: option --{key} is not available for method {cfg.method}")
+    result = evaluate_run(run_dir, cfg, **given)
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
+    (run_dir / "eval.md").write_text(eval_markdown(run_dir, cfg.method, result))
+    card = run_dir / "final" / "README.md"
+    if card.is_file():
+        summary = (
+            json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+        )
+        card.write_text(model_card(to_dict(cfg), summary, run_dir / "final", evaluation=result))
     return result
+
+
+def export(run_dir: str | Path, out: str | Path, merge_lora: bool = False, step: int | None = None) -> str:
+    """`prefalign export RUN_DIR OUT [--merge-lora] [--step N]`: the run's model (final/, or checkpoint N of a
+    dpo/mpo run) as a folder `from_pretrained` opens, with its model card; see `core/export.py`. Returns
+    what was written."""
+    run_dir, out = Path(run_dir), Path(out)
+    cfg = config_of(run_dir)
+    if step is None:
+        what = export_final(run_dir / "final", cfg.model, out, merge_lora)
+    else:
+        if cfg.method not in ("dpo", "mpo"):
+            raise ConfigError(
+                f"export --step: checkpoints of {cfg.method} runs are for resuming; export final/"
+            )
+        checkpoint = run_dir / "checkpoints" / f"step-{step}"
+        if not checkpoint.is_dir():
+            found = ", ".join(p.name for p in checkpoints(run_dir)) or "none"
+            raise ConfigError(f"export --step {step}: no {checkpoint} (checkpoints: {found})")
+        what = export_checkpoint(checkpoint, cfg.model, cfg.train.seed, out, merge_lora)
+    summary_path, eval_path = run_dir / "summary.json", run_dir / "eval.json"
+    summary = (
+        json.loads(summary_path.read_text()) if summary_path.is_file() and step is None else {"steps": step}
+    )
+    evaluation = json.loads(eval_path.read_text()) if eval_path.is_file() and step is None else None
+    (out / "README.md").write_text(model_card(to_dict(cfg), summary, out, evaluation))
+    return what
 
 
 def replace_train(cfg, **changes):

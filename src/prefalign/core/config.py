@@ -140,9 +140,26 @@ def dotted_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
+# TRL / transformers TrainingArguments / LLaMA-Factory names -> ours: only a hint in the error, never accepted
+FOREIGN_KEYS = {
+    "per_device_train_batch_size": "train.batch_size", "per_device_eval_batch_size": "train.eval_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum", "num_train_epochs": "train.epochs",
+    "logging_steps": "train.log_every", "eval_steps": "train.eval_every", "save_steps": "train.save_every",
+    "save_total_limit": "train.keep_checkpoints", "lr_scheduler_type": "train.lr_scheduler",
+    "bf16": "train.mixed_precision", "fp16": "train.mixed_precision", "loss_type": "loss.name",
+    "torch_dtype": "model.dtype", "lora_r": "model.lora.r", "lora_alpha": "model.lora.alpha",
+    "lora_dropout": "model.lora.dropout", "lora_target": "model.lora.target_modules",
+    "dataset": "data.train", "dataset_name": "data.train", "interleave_probs": "data.train (weights)",
+    "cutoff_len": "data.max_length", "stage": "method", "pref_beta": "loss.beta", "pref_loss": "loss.name",
+}  # fmt: skip
+
+
 def _suggest(key: str, prefix: str, names: list[str], root: type | None) -> str:
     """' (did you mean 'x'?)' for an unknown key: a sibling with a close name, or, from the top level, any
-    nested key whose dotted or underscored spelling is close (`model_name_or_path` -> `model.name_or_path`)."""
+    nested key whose dotted or underscored spelling is close (`model_name_or_path` -> `model.name_or_path`),
+    or our name for a TRL / LLaMA-Factory key (`per_device_train_batch_size` -> `train.batch_size`)."""
+    if str(key) in FOREIGN_KEYS:
+        return f" (did you mean '{FOREIGN_KEYS[str(key)]}'?)"
     close = difflib.get_close_matches(str(key), names, n=1)
     if close:
         return f" (did you mean '{prefix}{close[0]}'?)"

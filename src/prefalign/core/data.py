@@ -11,9 +11,13 @@ Accepted row layouts (`columns=` renames your column names to these):
   prompt/responses/ranking   ranking = indices into responses, best first (partial allowed)
   prompt/responses/scores    one number per response, higher is better; ties follow `tie_policy`
   optional: annotator (or annotator_id / user_id; a string or integer id) and weight (finite, > 0; default 1)
-Other columns are ignored. A null value counts as absent. Rows are numbered from 0 as they appear in the
-source (the data rows of a CSV, the non-blank lines of a JSONL file). Every problem is a one-line
-`DataError` naming the source, the row, the field and what was expected.
+Other columns are ignored. A null value counts as absent. Every problem is a one-line `DataError` naming the
+source, the row, the field and what was expected.
+
+Where a message points (one convention everywhere): "row N" is the row's 0-based index among the source's
+rows, as `dataset[N]` or `rows[N]` reads it (the data rows of a CSV, the non-blank lines of a JSONL file); for
+a JSONL or CSV file the message adds "line L", the 1-based line of the file a text editor shows (a CSV's header
+is line 1). Later messages about a record (tokenization, truncation) name it the same way (`record.origin`).
 """
 
 from __future__ import annotations
@@ -24,15 +28,18 @@ import logging
 import math
 import numbers
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
 from prefalign.core.data_files import RowError, decode_csv_cells, read_rows
 from prefalign.core.data_files import short_repr as _short
+from prefalign.core.data_mix import mix_records, train_sources
+from prefalign.core.data_smells import count_smells
 from prefalign.core.errors import ConfigError, DataError
 
 _Bad = RowError  # a row-level problem raised before the source and row are known
@@ -45,9 +52,18 @@ FIELDS = ("prompt", "chosen", "rejected", "responses", "ranking", "scores", "wei
 TIE_POLICIES = ("error", "skip", "any-order", "truncate")
 
 
-def _located(error: _Bad, source: str, row: int) -> DataError:
+def _located(error: _Bad, source: str, row: int, line: int | None = None) -> DataError:
     message = f"{source}: row {row}: field '{error.field}': {error.expected}"
-    return DataError(message, source=source, row=row, field=error.field, reason=error.reason)
+    if line is not None:
+        message += f" (line {line})"
+    located = DataError(message, source=source, row=row, field=error.field, reason=error.reason)
+    located.line = line
+    return located
+
+
+def where(source: str, row: int, line: int | None = None) -> str:
+    """How messages name a row: `source row N` (0-based), plus `(line L)` for JSONL/CSV files."""
+    return f"{source} row {row}" + (f" (line {line})" if line is not None else "")
 
 
 def _is_int(x) -> bool:
@@ -72,6 +88,8 @@ class PreferenceRecord:
     ranking: list[int]  # indices into responses, best first; unranked responses are below all ranked ones
     annotator: str | None = None
     weight: float = 1.0
+    # where the record came from ("prefs.jsonl row 2 (line 3)"), for later messages; not part of its value
+    origin: str | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @classmethod
     def pair(cls, prompt, chosen, rejected, annotator=None, weight=1.0) -> PreferenceRecord:
@@ -83,12 +101,15 @@ class PreferenceRecord:
 
     @property
     def rejected(self):
-        """The worst response: the last ranked one, or (partial ranking) the last unranked one."""
+        """A worst response: of the worst tier as `core.metrics.ranked_ends` defines it (the last ranked one;
+        for a partial ranking the unranked ones, tied last, of which this is the last)."""
         unranked = [i for i in range(len(self.responses)) if i not in self.ranking]
         return self.responses[unranked[-1] if unranked else self.ranking[-1]]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)  # a deep copy: editing the dict leaves the record alone
+        out = dataclasses.asdict(self)  # a deep copy: editing the dict leaves the record alone
+        out.pop("origin")
+        return out
 
 
 @dataclass
@@ -97,6 +118,9 @@ class LoadReport:
     n_loaded: int
     skipped: dict[str, int]  # reason -> number of rows dropped for it
     source: str = ""
+    duplicates: int = 0  # loaded rows equal to an earlier one (same annotator, prompt and ranking)
+    contradictions: int = 0  # loaded rows ordering two responses the other way than an earlier row
+    smell_examples: list[str] = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
         text = f"{self.source}: loaded {self.n_loaded} of {self.n_rows} rows"
@@ -105,11 +129,25 @@ class LoadReport:
             text += f"; skipped {self.n_rows - self.n_loaded} ({reasons})"
         return text
 
+    def smells(self) -> str:
+        """One line about duplicated and contradictory rows ('' when there are none)."""
+        parts = []
+        if self.duplicates:
+            parts.append(f"{self.duplicates} rows repeat an earlier row")
+        if self.contradictions:
+            parts.append(f"{self.contradictions} rows order two responses the other way than an earlier row")
+        if not parts:
+            return ""
+        examples = "; ".join(self.smell_examples)
+        return f"{self.source}: {' and '.join(parts)} (kept; e.g. {examples})"
+
 
 class PreferenceData(list):
-    """The list of records returned by `load_preferences`, with its `.report` (a `LoadReport`)."""
+    """The list of records returned by `load_preferences`, with its `.report` (a `LoadReport`); a mixture
+    of several sources (`load_records`) also has `.mixture`: one dict per source (see `mix_records`)."""
 
     report: LoadReport | None = None
+    mixture: list[dict] | None = None
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -178,14 +216,28 @@ def _check_scores(value, n: int) -> list[float]:
     return [float(s) for s in value]
 
 
+# the start of an assistant turn in Anthropic-HH style dialogues ("\n\nHuman: ...\n\nAssistant: ...")
+ASSISTANT_TURN = re.compile(r"(?:^|\n)[ \t]*Assistant:")
+
+
 def _split_implicit_prompt(chosen, rejected):
-    """TRL's implicit-prompt rule: the longest shared prefix (of messages, or of characters with a trailing
-    space left to the responses) is the prompt."""
+    """The prompt of an implicit-prompt row: the shared beginning of chosen and rejected, cut back to a
+    boundary so that neither response starts inside a word or a turn.
+
+    Messages: the shared leading messages. Text: the shared characters up to the end of the last
+    "Assistant:" turn marker they contain (the HH convention), else up to the last whitespace they contain
+    (the whitespace goes to the responses). So "...Assistant: yes it is." / "...Assistant: yeah no." split
+    after "Assistant:", never inside "ye", and " hi" / " hi there" is a valid pair."""
     k = 0
     while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
         k += 1
-    if isinstance(chosen, str) and k > 0 and chosen[k - 1] == " ":
-        k -= 1
+    if isinstance(chosen, str):
+        shared = chosen[:k]
+        turns = list(ASSISTANT_TURN.finditer(shared))
+        if turns:
+            k = turns[-1].end()
+        else:
+            k = max((i for i, ch in enumerate(shared) if ch.isspace()), default=0)
     if k == 0:
         raise _Bad("prompt", "missing field", "missing, and chosen/rejected share no prefix to use as prompt")
     return chosen[:k], chosen[k:], rejected[k:]
@@ -324,6 +376,7 @@ def load_preferences(
     if on_bad_row not in ("error", "skip"):
         raise DataError(f"on_bad_row: expected 'error' or 'skip', got {_short(on_bad_row)}")
     name, rows = read_rows(source, split)
+    lines = getattr(rows, "lines", None)  # 1-based file lines (JSONL, CSV)
     rows = rows if limit is None else rows[:limit]
     if not rows:
         raise DataError(f"{name} has no rows", source=name)
@@ -331,25 +384,35 @@ def load_preferences(
     is_csv = isinstance(source, (str, Path)) and Path(source).suffix.lower() == ".csv"
     row_ties = "error" if tie_policy == "skip" else tie_policy
     records, skipped = PreferenceData(), Counter()
-    for i, raw in enumerate(tqdm(rows, desc=f"loading {name}", disable=len(rows) < 20_000)):
+    # disable=None: tqdm draws no bar when stderr is not a terminal (a log file gets no redraws)
+    for i, raw in enumerate(tqdm(rows, desc=f"loading {name}", disable=True if len(rows) < 20_000 else None)):
         try:
             if isinstance(raw, _Bad):
                 raise raw
             row = _rename(raw, columns)
-            records.append(_record(decode_csv_cells(row) if is_csv else row, row_ties))
+            record = _record(decode_csv_cells(row) if is_csv else row, row_ties)
+            record.origin = where(name, i, lines[i] if lines else None)
+            records.append(record)
         except _Bad as e:
-            error = _located(e, name, i)
+            error = _located(e, name, i, lines[i] if lines else None)
             if on_bad_row == "skip" or (tie_policy == "skip" and e.reason == "tied scores"):
                 skipped[e.reason] += 1
                 continue
             raise error from None
-    records.report = LoadReport(len(rows), len(records), dict(skipped), name)
+    records.report = LoadReport(len(rows), len(records), dict(skipped), name, *count_smells(records))
     if not records:
         reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items()))
         raise DataError(f"no valid rows in {name} ({len(rows)} rows; reasons: {reasons})", source=name)
     if skipped:
         logger.warning(records.report.summary())
     return records
+
+
+def warn_smells(records) -> None:
+    """One warning line about duplicated and contradictory rows of loaded data (`LoadReport.smells`)."""
+    report = getattr(records, "report", None)
+    if report is not None and report.smells():
+        logger.warning(report.smells())
 
 
 # ------------------------------------------------------------------------------------------ saving, splits
@@ -410,25 +473,53 @@ def pairwise_records(record: PreferenceRecord) -> list[PreferenceRecord]:
 class DataConfig:
     """Preference data of the language-model methods (`data:` in a config)."""
 
-    train: str = ""  # file (.jsonl/.json/.parquet/.csv), saved `datasets` dir, or hub dataset name
+    # file (.jsonl/.json/.parquet/.csv), saved `datasets` dir or hub dataset name; or a list of them, each
+    # optionally {path: FILE, weight: W}: weights are each source's share of the training records (mix_records)
+    train: str | list[str | dict[str, Any]] = ""
     eval: str | None = None  # held-out file; otherwise `eval_fraction` of train is held out
-    eval_fraction: float = 0.1
-    split: str = "train"
+    eval_fraction: float = 0.1  # share of data.train held out for evaluation when data.eval is not given
+    split: str = "train"  # the split of a saved or hub DatasetDict
     columns: dict[str, str] = dataclasses.field(
         default_factory=dict
     )  # your column -> ours: {question: prompt}
-    tie_policy: Literal["error", "skip", "any-order", "truncate"] = "error"
-    on_bad_row: Literal["error", "skip"] = "error"
-    max_length: int = 512  # tokens of prompt + response
+    tie_policy: Literal["error", "skip", "any-order", "truncate"] = "error"  # what tied scores do
+    on_bad_row: Literal["error", "skip"] = "error"  # skip: drop bad rows, counted per reason
+    # tokens of prompt + response; at most the model's position limit (a larger value is lowered to it, with
+    # one warning line: core.encode.fit_lengths)
+    max_length: int = 512
     max_prompt_length: int = 256  # the prompt keeps its last tokens
     limit: int | None = None  # read only the first rows
     # padding-free batches: each record's prompt once + its candidates in one packed row (core/logprobs.py);
     # same log-probs as padded batches, faster. false: right-padded batches
     packing: bool = True
+    # chat template for conversational rows: a Jinja string, or a file holding one; replaces the tokenizer's
+    # own (saved with the trained model's tokenizer). Needed when the tokenizer has none.
+    chat_template: str | None = None
+
+    def validate(self):
+        if self.max_length < 2:
+            raise ConfigError(f"config key 'data.max_length' must be >= 2, got {self.max_length}")
+        if not 1 <= self.max_prompt_length < self.max_length:
+            raise ConfigError(
+                f"config key 'data.max_prompt_length' ({self.max_prompt_length}) must be >= 1 and < "
+                f"data.max_length ({self.max_length})"
+            )
+        if self.chat_template is not None and not is_template(self.chat_template):
+            if not Path(self.chat_template).expanduser().is_file():
+                raise ConfigError(
+                    f"config key 'data.chat_template': {self.chat_template!r} is neither a Jinja template "
+                    "('{{ ... }}' / '{% ... %}') nor an existing file"
+                )
+
+
+def is_template(text: str) -> bool:
+    """A Jinja template rather than a file name."""
+    return "{{" in text or "{%" in text
 
 
 def load_records(data: DataConfig, seed: int, *, eval_fraction: float | None = None):
-    """(train records, eval records) from the `data:` section: `data.eval`, or a seeded split of `data.train`."""
+    """(train records, eval records) from the `data:` section: `data.eval`, or a seeded split of `data.train`.
+    Several `data.train` sources are each split, then their train parts mixed (`mix_records`)."""
     kwargs = dict(
         split=data.split,
         tie_policy=data.tie_policy,
@@ -438,10 +529,40 @@ def load_records(data: DataConfig, seed: int, *, eval_fraction: float | None = N
     )
     if not data.train:
         raise ConfigError("config key 'data.train' is empty: name a preference data file or dataset")
-    records = load_preferences(data.train, **kwargs)
-    if data.eval:
-        return records, load_preferences(data.eval, **kwargs)
     fraction = data.eval_fraction if eval_fraction is None else eval_fraction
-    if fraction > 0 and len(records) >= 10:
-        return split_records(records, fraction, seed)
-    return records, []
+    sources = train_sources(data.train)
+    parts, evals = [], []
+    for path, _ in sources:
+        records = load_preferences(path, **kwargs)
+        warn_smells(records)
+        train, held_out = records, []
+        if not data.eval and fraction > 0 and len(records) >= 10:
+            train, held_out = split_records(records, fraction, seed)
+        parts.append(PreferenceData(train))
+        parts[-1].report = records.report
+        evals += held_out
+    train = parts[0] if len(sources) == 1 else _mixture(parts, sources, seed)
+    if data.eval:
+        eval_records = load_preferences(data.eval, **kwargs)
+        warn_smells(eval_records)
+        return train, eval_records
+    return train, evals
+
+
+def _mixture(parts: list[PreferenceData], sources, seed: int) -> PreferenceData:
+    """`mix_records` of several sources, with one LoadReport over them and `.mixture` (per source: its
+    weight, records available and records used)."""
+    names = [path for path, _ in sources]
+    records, used = mix_records(parts, [w for _, w in sources], seed)
+    out = PreferenceData(records)
+    reports = [p.report for p in parts if p.report is not None]
+    skipped: Counter = Counter()
+    for report in reports:
+        skipped.update(report.skipped)
+    n_rows, n_loaded = sum(r.n_rows for r in reports), sum(r.n_loaded for r in reports)
+    out.report = LoadReport(n_rows, n_loaded, dict(skipped), " + ".join(names))
+    out.mixture = [
+        {"source": name, "weight": w, "records": len(part), "used": k}
+        for name, (_, w), part, k in zip(names, sources, parts, used)
+    ]
+    return out

@@ -17,6 +17,18 @@ from prefalign.core.errors import DataError
 FILE_TYPES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv")
 
 
+class Rows(list):
+    """Rows read from a text file, with `lines`: the 1-based line of the file each row starts on."""
+
+    lines: list[int] | None = None
+
+
+def with_lines(rows: list, lines: list[int] | None) -> Rows:
+    out = Rows(rows)
+    out.lines = lines if lines is not None and len(lines) == len(rows) else None
+    return out
+
+
 class RowError(DataError):
     """A row-level problem raised before the source and row are known; `data._located` adds them."""
 
@@ -67,13 +79,16 @@ def _read_json(path: Path, name: str) -> list:
     except UnicodeDecodeError as e:
         raise DataError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start})", source=name) from None
     if path.suffix in (".jsonl", ".ndjson"):
-        rows = []
-        for line in (line for line in text.splitlines() if line.strip()):
+        rows, lines = [], []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            lines.append(number)
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 rows.append(_Bad("row", "invalid JSON", f"not valid JSON ({e.msg} at column {e.colno})"))
-        return rows
+        return with_lines(rows, lines)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -101,11 +116,32 @@ def _read_file(path: Path, name: str) -> list:
     import pandas
 
     try:  # every cell as a string: no NaN for empty cells, no int/float guessing
-        return pandas.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
+        rows = pandas.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
+        return with_lines(rows, _csv_lines(path))
     except pandas.errors.EmptyDataError:
         return []
     except (pandas.errors.ParserError, UnicodeDecodeError) as e:
         raise DataError(f"{name}: not a readable CSV file ({str(e).strip()})", source=name) from None
+
+
+def _csv_lines(path: Path) -> list[int] | None:
+    """The 1-based file line each CSV data row starts on (quoted cells may span lines; the header is line 1);
+    None when the csv module reads the file differently from pandas."""
+    import csv
+
+    lines, previous_end, header = [], 0, False
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            for row in reader:
+                if row and (len(row) > 1 or row[0].strip()):  # pandas skips blank lines
+                    if header:
+                        lines.append(previous_end + 1)
+                    header = True
+                previous_end = reader.line_num
+    except (csv.Error, UnicodeDecodeError):
+        return None
+    return lines
 
 
 def _dataset_rows(dataset, split: str, name: str) -> list:

@@ -1,4 +1,4 @@
-"""Shared diffusion mechanics: per-sample noise-prediction error, sampling, loading and saving UNets.
+"""Shared diffusion mechanics: per-sample noise-prediction error and sampling.
 
 Diffusion-DPO and SSPO compare how well two networks denoise the same images. Both need
 `e(θ, x) = mean over pixels ‖target − f_θ(x_t, c, t)‖²` where `x_t` is `x` noised at timestep `t`
@@ -7,33 +7,52 @@ with noise `ε`, and the target is `ε` (epsilon prediction), the velocity `v` (
 (winner and loser, or winner and reference sample) must share ONE `t` and ONE `ε`, otherwise the
 difference of errors measures the noise draw instead of the model: `paired_errors` enforces that.
 
-Works for `UNet2DModel` (integer class labels) and `UNet2DConditionModel` (float embeddings
-[B, L, D] as `encoder_hidden_states`); a dict condition is passed as keyword arguments.
+`x` is what the UNet denoises: pixels in [-1, 1] for a pixel-space UNet, VAE latents (times the VAE's
+scaling factor, unbounded) for a Stable Diffusion pipeline. A condition is integer class labels
+(`UNet2DModel` `class_labels`), float embeddings [B, L, D] (`encoder_hidden_states`) or a dict of
+keyword arguments, possibly nested (SDXL: `encoder_hidden_states` + `added_cond_kwargs`).
 """
 
 from __future__ import annotations
 
-import copy
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
+from diffusers import DDIMScheduler, DDPMScheduler
 
-from prefalign.core import sources
-from prefalign.core.errors import ConfigError
-from prefalign.core.models import LoraSettings, seed_lora
+# ---------------------------------------------------------------- conditions (tensor or nested dict)
+
+
+def cond_rows(cond) -> int:
+    """Batch size of a condition: a tensor, or a (nested) dict of tensors."""
+    if torch.is_tensor(cond):
+        return len(cond)
+    return cond_rows(next(iter(cond.values())))
+
+
+def map_cond(fn, cond):
+    """`fn` applied to every tensor of a condition, keeping its (nested dict) shape; None stays None."""
+    if cond is None:
+        return None
+    if isinstance(cond, dict):
+        return {key: map_cond(fn, value) for key, value in cond.items()}
+    return fn(cond)
+
+
+def cat_cond(conds: list):
+    """Conditions of several batches joined along the batch dimension (same nested shape)."""
+    if conds[0] is None:
+        return None
+    if isinstance(conds[0], dict):
+        return {key: cat_cond([c[key] for c in conds]) for key in conds[0]}
+    return torch.cat(conds)
+
 
 # ---------------------------------------------------------------- noise-prediction error
 
 
 def unet_forward(unet, noisy: torch.Tensor, timesteps: torch.Tensor, cond) -> torch.Tensor:
-    """Call a diffusers UNet with its condition: int labels -> class_labels, float [B,L,D] -> encoder states."""
+    """Call a diffusers UNet with its condition: int labels -> class_labels, float [B,L,D] -> encoder states,
+    a dict -> keyword arguments."""
     if cond is None:
         out = unet(noisy, timesteps)
     elif isinstance(cond, dict):
@@ -74,14 +93,6 @@ def draw_timesteps_and_noise(scheduler, x0: torch.Tensor, generator=None):
     return timesteps, noise
 
 
-def _repeat_cond(cond, k: int):
-    if cond is None:
-        return None
-    if isinstance(cond, dict):
-        return {key: _repeat_cond(value, k) for key, value in cond.items()}
-    return torch.cat([cond] * k)
-
-
 def paired_errors(unet, scheduler, images: list[torch.Tensor], cond, timesteps, noise) -> list[torch.Tensor]:
     """Errors of k image groups [B,...] that share `cond`, `timesteps` and `noise`; ONE forward of k·B."""
     k = len(images)
@@ -89,7 +100,7 @@ def paired_errors(unet, scheduler, images: list[torch.Tensor], cond, timesteps, 
         unet,
         scheduler,
         torch.cat(images),
-        _repeat_cond(cond, k),
+        cat_cond([cond] * k),
         timesteps.repeat(k),
         noise.repeat(k, *[1] * (noise.dim() - 1)),
     )
@@ -97,6 +108,11 @@ def paired_errors(unet, scheduler, images: list[torch.Tensor], cond, timesteps, 
 
 
 # ---------------------------------------------------------------- sampling
+
+
+def row_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per row: what a row draws then depends on its seed only, not on its batch."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
 @torch.no_grad()
@@ -110,163 +126,45 @@ def sample(
     generator=None,
     eta: float = 0.0,
     noise: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    uncond=None,
 ):
-    """Draw images for `cond` by running `steps` reverse steps of DDIM (`eta` = 0: deterministic) or DDPM,
-    starting from `noise` [B, *shape] when given (DDIM with eta 0 is then a pure function of it).
+    """Draw [B, *shape] by `steps` reverse steps of DDIM (`eta` = 0: deterministic) or DDPM, in the UNet's
+    own space (pixels or latents: nothing is clipped here; a pixel-space caller clips, a latent caller
+    decodes). `generator`: one generator, or a list with one per row (then each row's start noise and its
+    DDPM/DDIM noise come from its own generator, so a row's sample does not depend on its batch);
+    `noise` [B, *shape] replaces the drawn start noise.
 
-    A fresh scheduler is built from `scheduler.config` each call, so the training scheduler keeps its state.
-    Returns [B, *shape] clipped to [-1, 1].
+    Classifier-free guidance as diffusers' pipelines do it: with `guidance_scale` > 1 and an `uncond`
+    condition (e.g. the empty caption's embeddings), pred = pred(uncond) + scale·(pred(cond) − pred(uncond)),
+    both from one batched forward. A fresh scheduler is built from `scheduler.config` each call.
     """
     schedulers = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
     if sampler not in schedulers:
         raise ValueError(f"sampler must be one of {sorted(schedulers)}, got {sampler!r}")
     sched = schedulers[sampler].from_config(scheduler.config)
     sched.set_timesteps(steps)
-    batch = len(cond) if torch.is_tensor(cond) else len(next(iter(cond.values())))
+    batch = cond_rows(cond)
     device = next(unet.parameters()).device
-    x = (noise if noise is not None else torch.randn((batch, *shape), generator=generator)).to(device)
+    if noise is None:
+        if isinstance(generator, list):
+            noise = torch.stack([torch.randn(tuple(shape), generator=g) for g in generator])
+        else:
+            noise = torch.randn((batch, *shape), generator=generator)
+    x = noise.to(device) * sched.init_noise_sigma
+    guided = guidance_scale > 1.0 and uncond is not None
+    both = cat_cond([uncond, cond]) if guided else None
     was_training = unet.training
     unet.eval()
     for t in sched.timesteps:
-        out = unet_forward(unet, x, t.expand(batch).to(device), cond)
+        x_in = sched.scale_model_input(x, t)
+        if guided:
+            out = unet_forward(unet, torch.cat([x_in, x_in]), t.expand(2 * batch).to(device), both)
+            out_uncond, out_cond = out.chunk(2)
+            out = out_uncond + guidance_scale * (out_cond - out_uncond)
+        else:
+            out = unet_forward(unet, x_in, t.expand(batch).to(device), cond)
         kwargs = {"eta": eta} if sampler == "ddim" else {}
         x = sched.step(out, t, x, generator=generator, **kwargs).prev_sample
     unet.train(was_training)
-    return x.clamp(-1, 1)
-
-
-# ---------------------------------------------------------------- models for the recipes
-
-
-UNET_LORA_TARGETS = ["conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0"]
-
-
-@dataclass
-class DiffusionReference:
-    strategy: Literal["auto", "frozen", "adapter"] = "auto"  # auto: adapter with LoRA, else a frozen copy
-
-
-@dataclass
-class DiffusionModelConfig:
-    """`model:` of the diffusion methods: the UNet to align (full fine-tuning, or LoRA via peft)."""
-
-    name_or_path: str = ""  # a diffusers folder with unet/ and scheduler/, or a source: world:digits(-quick)
-    lora: LoraSettings = field(default_factory=LoraSettings)  # target_modules default: UNET_LORA_TARGETS
-    reference: DiffusionReference = field(default_factory=DiffusionReference)
-
-    def validate(self):
-        if self.reference.strategy == "adapter" and not self.lora.enabled:
-            raise ConfigError(
-                "config key 'model.reference.strategy': 'adapter' needs model.lora.enabled: true"
-            )
-
-
-# keys of older diffusion configs -> their place now
-MODEL_RENAMES = {
-    "model.base": lambda v: {"model.name_or_path": f"world:{v}" if v in ("digits", "digits-quick") else v},
-    "model.lora_rank": lambda v: {"model.lora.enabled": int(v) > 0, "model.lora.r": max(int(v), 1)},
-    "model.lora_alpha": "model.lora.alpha",
-    "model.lora_targets": "model.lora.target_modules",
-    "reference": lambda v: {"model.reference.strategy": {"lora_disabled": "adapter"}.get(v, v)},
-    "beta": "loss.beta",
-    "data.path": "data.train",
-    "data.source": lambda v: {} if v == "file" else {"data.train": "world:digits-judge"},
-    "data.world_seed": lambda v: {},
-    "eval_samples_per_class": "data.eval_samples_per_class",
-}
-
-
-def load_unet(name_or_path: str, key: str = "model.name_or_path"):
-    """`(unet, scheduler)` from a registered diffusion source or a diffusers folder with unet/ + scheduler/."""
-    if not name_or_path:
-        raise ConfigError(f"config key '{key}' is empty: name a diffusers folder or world:NAME")
-    if sources.is_source(name_or_path):
-        return sources.get(name_or_path, "diffusion", key).load()
-    root = Path(name_or_path)
-    if not (root / "unet" / "config.json").is_file():
-        raise ConfigError(f"config key '{key}': {name_or_path!r} is not a folder with unet/ and scheduler/")
-    kind = json.loads((root / "unet" / "config.json").read_text()).get("_class_name", "UNet2DModel")
-    unet_cls = UNet2DConditionModel if kind == "UNet2DConditionModel" else UNet2DModel
-    return unet_cls.from_pretrained(root / "unet"), DDPMScheduler.from_pretrained(root / "scheduler")
-
-
-def load_base(cfg: DiffusionModelConfig, seed: int = 0):
-    """`(unet, scheduler)` with LoRA adapters (started from `seed`) added when asked; only trainable
-    parameters require grad."""
-    unet, scheduler = load_unet(cfg.name_or_path)
-    if cfg.lora.enabled:
-        unet.requires_grad_(False)
-        names = {n.rsplit(".", 1)[-1] for n, _ in unet.named_modules()} | {n for n, _ in unet.named_modules()}
-        wanted = cfg.lora.target_modules or UNET_LORA_TARGETS
-        targets = [t for t in wanted if t in names or any(n.endswith("." + t) for n in names)]
-        if not targets:
-            raise ConfigError(f"config key 'model.lora.target_modules': {wanted} match no module of the UNet")
-        lora = LoraConfig(
-            r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, target_modules=targets
-        )
-        unet = inject_adapter_in_model(lora, unet)  # any diffusers UNet; B = 0, so it starts at the base
-        seed_lora(unet, seed)
-    unet.train()
-    return unet, scheduler
-
-
-def set_adapters_enabled(unet, enabled: bool) -> None:
-    """Switch all LoRA layers on or off (off: the network is exactly the base model)."""
-    for module in unet.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.enable_adapters(enabled)
-
-
-def save_unet(unet, scheduler, final: Path) -> Path:
-    """`final/unet` + `final/scheduler` (diffusers layout, safetensors); LoRA adapters are merged in first."""
-    unet = copy.deepcopy(unet)
-    if any(isinstance(m, BaseTunerLayer) for m in unet.modules()):
-        set_adapters_enabled(unet, True)
-        for module in unet.modules():
-            if isinstance(module, BaseTunerLayer):
-                module.merge()
-        unet = _strip_lora(unet)
-    unet.save_pretrained(Path(final) / "unet")
-    scheduler.save_pretrained(Path(final) / "scheduler")
-    return Path(final)
-
-
-def _strip_lora(unet):
-    """Replace merged LoRA layers by their base layers so the saved UNet loads without peft."""
-    for name, module in list(unet.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            parent_name, _, child = name.rpartition(".")
-            setattr(unet.get_submodule(parent_name) if parent_name else unet, child, module.get_base_layer())
-    return unet
-
-
-def load_final(run_dir: str | Path):
-    """`(unet, scheduler)` of a finished run (its `final/` folder), in eval mode."""
-    unet, scheduler = load_unet(str(Path(run_dir) / "final"))
-    return unet.eval(), scheduler
-
-
-def world_evaluation(cfg, scheduler):
-    """evaluate_fn(unet) from the base's world source, when it has an evaluator and samples are asked for."""
-    if cfg.data.eval_samples_per_class <= 0 or not sources.is_source(cfg.model.name_or_path):
-        return None
-    source = sources.get(cfg.model.name_or_path, "diffusion")
-    if source.evaluate is None:
-        return None
-    return lambda unet: source.evaluate(unet, scheduler, samples_per_class=cfg.data.eval_samples_per_class)
-
-
-def reference_strategy(cfg) -> str:
-    strategy = cfg.model.reference.strategy
-    return ("adapter" if cfg.model.lora.enabled else "frozen") if strategy == "auto" else strategy
-
-
-def evaluate_final(run_dir: Path, cfg) -> dict:
-    """The world's evaluator on samples of a run's `final/` UNet (a run whose base is a world source)."""
-    if not sources.is_source(cfg.model.name_or_path):
-        raise ConfigError(
-            f"{run_dir}: ground-truth evaluation needs a run on a world base (model.name_or_path: world:...)"
-        )
-    source = sources.get(cfg.model.name_or_path, "diffusion")
-    unet, scheduler = load_final(run_dir)
-    return {k: float(v) for k, v in source.evaluate(unet, scheduler, samples_per_class=50).items()}
+    return x

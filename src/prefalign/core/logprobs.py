@@ -16,9 +16,16 @@ Two batch layouts give the same log-probs (tested to 1e-5):
 import contextlib
 
 import torch
-from tqdm.auto import tqdm
 
-from prefalign.core.encode import EncodedRecord, encode_prompt, encode_records, is_chat  # noqa: F401
+from prefalign.core.console import progress
+from prefalign.core.encode import (  # noqa: F401  (encode_records, is_chat: re-exported)
+    EncodedRecord,
+    encode_prompt,
+    encode_records,
+    is_chat,
+    position_limit,
+    special_prefix,
+)
 from prefalign.core.packing import packed_token_logps
 
 
@@ -194,8 +201,7 @@ def _per_record(batch, flat_logps, flat_counts, average):
 def _room(model, prompt_width: int, max_new_tokens: int) -> int:
     """New tokens that still fit the model's learned positions (GPT-2 has none past n_positions), leaving one
     for the EOS that scoring appends to a response (`encode_records`)."""
-    config = getattr(model, "config", None)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    limit = position_limit(model)
     return max_new_tokens if not limit else max(1, min(max_new_tokens, limit - prompt_width - 1))
 
 
@@ -221,8 +227,9 @@ def generate_responses(
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = eos if pad is None else pad
     device = next(model.parameters()).device
+    prefix = special_prefix(tokenizer)
     prompt_ids = [
-        encode_prompt(tokenizer, p, max_prompt_length, f"prompt {i}") for i, p in enumerate(prompts)
+        encode_prompt(tokenizer, p, max_prompt_length, f"prompt {i}", prefix) for i, p in enumerate(prompts)
     ]
     jobs = [ids for ids in prompt_ids for _ in range(n_per_prompt)]
     texts = []
@@ -236,7 +243,7 @@ def generate_responses(
         if seed is not None:
             torch.manual_seed(seed)
         starts = range(0, len(jobs), batch_size)
-        for start in tqdm(starts, desc="generate", disable=len(starts) < 2):
+        for start in progress(starts, desc="generate", disable=len(starts) < 2):
             chunk = jobs[start : start + batch_size]
             width = max(len(ids) for ids in chunk)
             input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=device)

@@ -5,7 +5,12 @@
   no reference model in memory during training. The default ("auto").
 - "frozen": a frozen copy of the reference model, run on every batch (eval mode, no grad).
 - "adapter": the policy is a `peft.PeftModel`; the reference is its base model with the adapters disabled,
-  so no second copy of the weights is needed.
+  so no second copy of the weights is needed. When the policy starts from a trained adapter (its LoRA B
+  weights are not 0, e.g. `model.name_or_path` is an SFT adapter folder), disabling it would give the base,
+  not the starting model: `prepare_reference` then adds a frozen copy of the starting adapter
+  (`models.REFERENCE_ADAPTER`) and the reference runs through it (`frozen_adapter_reference`).
+
+In every strategy the reference is the policy as it is when training starts (adapters included).
 """
 
 import contextlib
@@ -19,10 +24,13 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
+from prefalign.core.console import progress
 from prefalign.core.errors import ConfigError
 from prefalign.core.logprobs import collate, sequence_logps
+from prefalign.core.models import REFERENCE_ADAPTER
+
+CACHE_VERSION = 2  # bump when what the cache holds is computed differently
 
 STRATEGIES = ("precompute", "frozen", "adapter")
 
@@ -52,6 +60,54 @@ def weights_hash(model) -> str:
     return digest.hexdigest()
 
 
+def forward_settings(model, average: bool) -> dict:
+    """Everything besides weights and token ids that changes the reference's log-probs: the model class and
+    config (rotary scaling, sliding window, softcapping, logit scales, dtype, ...), the attention
+    implementation, which adapters are active, disabled or merged, the summed/averaged log-probs and the
+    batch layout of the precompute (always padded)."""
+    config = getattr(model, "config", None)
+    settings = {
+        "version": CACHE_VERSION,
+        "class": type(model).__name__,
+        "average": bool(average),
+        "layout": "padded",
+        "attn_implementation": getattr(config, "_attn_implementation", None),
+        "dtype": str(next(model.parameters()).dtype),
+    }
+    if config is not None and hasattr(config, "to_dict"):
+        # not inputs of the forward: where it was loaded from, what wrote it, the dtype it was saved in (the
+        # weights' own dtype is above); `architectures` appears once a model is saved
+        drop = {
+            "_name_or_path",
+            "name_or_path",
+            "transformers_version",
+            "architectures",
+            "dtype",
+            "torch_dtype",
+        }
+        settings["config"] = {k: v for k, v in config.to_dict().items() if k not in drop}
+    adapters = []
+    for name, module in model.named_modules():
+        if (
+            hasattr(module, "active_adapters")
+            and hasattr(module, "disable_adapters")
+            and hasattr(module, "merged")
+        ):
+            adapters.append(
+                [name, list(module.active_adapters), bool(module.disable_adapters), bool(module.merged)]
+            )
+    if adapters:
+        settings["adapters"] = adapters
+    return settings
+
+
+def cache_key(model, encoded, average: bool) -> str:
+    """The reference cache key: token ids, weights and `forward_settings`."""
+    settings = json.dumps(forward_settings(model, average), sort_keys=True, default=str)
+    blob = f"{data_hash(encoded)}|{weights_hash(model)}|{settings}"
+    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+
+
 def data_hash(encoded) -> str:
     """Hash of every record's token ids (the ranking does not change log-probs, so it is left out)."""
     digest = hashlib.blake2b(digest_size=16)
@@ -79,7 +135,7 @@ def _compute(reference_model, encoded, batch_size, pad_token_id, average, desc):
     state = process_state()
     starts = list(range(0, len(order), batch_size))[state.process_index :: state.num_processes]
     mine = []
-    for start in tqdm(starts, desc=desc, disable=len(starts) <= 1 or not state.is_main_process):
+    for start in progress(starts, desc=desc, disable=len(starts) <= 1 or not state.is_main_process):
         rows = order[start : start + batch_size]
         batch = collate([encoded[i] for i in rows], pad_token_id)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -106,13 +162,13 @@ def precompute_reference_logps(
     """Fill `encoded[i].reference_logps` (one float per candidate) and return them.
 
     With `cache_dir`, results are stored as safetensors under a key made of the data's token ids, the
-    reference weights and `average`; changing any of them computes afresh, an identical call reads the file.
+    reference weights and everything else that changes its log-probs (`forward_settings`: config, attention
+    implementation, adapter state, `average`, ...); changing any of them computes afresh, an identical call
+    reads the file.
     """
     path = None
     if cache_dir is not None:
-        key = hashlib.blake2b(
-            f"{data_hash(encoded)}|{weights_hash(reference_model)}|average={average}".encode(), digest_size=16
-        ).hexdigest()
+        key = cache_key(reference_model, encoded, average)
         path = Path(cache_dir) / f"reference_logps-{key}.safetensors"
     if path is not None and path.exists():
         stored = load_file(path)
@@ -184,28 +240,75 @@ def live_reference(strategy, policy, reference_model=None, average=False):
     raise ValueError(f"unknown reference strategy {strategy!r}; expected one of {STRATEGIES}")
 
 
+def adapter_changes_model(policy) -> bool:
+    """Does the active LoRA adapter change the model (some B weight non-zero)? Fresh adapters (B = 0) don't."""
+    active = set(getattr(policy, "active_adapters", None) or [getattr(policy, "active_adapter", "default")])
+    for name, param in policy.named_parameters():
+        if ("lora_B" in name or "lora_embedding_B" in name) and any(f".{a}." in f"{name}." for a in active):
+            if bool(param.detach().ne(0).any()):
+                return True
+    return False
+
+
+def frozen_adapter_reference(policy, average):
+    """Reference = the policy with a frozen copy of its starting adapter (no copy of the base weights)."""
+    active = policy.active_adapter
+    if REFERENCE_ADAPTER not in policy.peft_config:
+        policy.add_adapter(REFERENCE_ADAPTER, copy.deepcopy(policy.peft_config[active]))
+        state = {
+            name.replace(f".{active}.", f".{REFERENCE_ADAPTER}."): p.detach().clone()
+            for name, p in policy.named_parameters()
+            if f".{active}." in name
+        }
+        params = dict(policy.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+    policy.set_adapter(active)  # peft: the active adapter trainable, the reference copy frozen
+
+    @contextlib.contextmanager
+    def through_reference():
+        policy.set_adapter(REFERENCE_ADAPTER)
+        try:
+            yield
+        finally:
+            policy.set_adapter(active)
+
+    @torch.no_grad()
+    def adapter_reference(batch):
+        was_training = policy.training
+        policy.eval()
+        with through_reference():
+            logps = sequence_logps(policy, batch, average=average)[0]
+        policy.train(was_training)
+        return logps
+
+    return adapter_reference
+
+
 def prepare_reference(policy, settings, encoded_sets, *, pad_token_id, batch_size, average, cache_dir):
     """The reference for a run whose policy starts as the reference (`settings`: `model.reference`).
 
     "precompute" (and "auto") fills `reference_logps` into every record of `encoded_sets` (cached on disk
     under `settings.cache_dir` or `cache_dir`) and returns None: batches then carry `reference_logps`.
-    "frozen" / "adapter" return a live `reference_fn(batch)`. A LoRA policy's reference is its base model:
-    the adapters are disabled while precomputing."""
+    "frozen" / "adapter" return a live `reference_fn(batch)`. The reference is the policy as it is now: a
+    fresh LoRA adapter (B = 0) leaves the base model unchanged, a trained starting adapter is part of it."""
     is_peft = hasattr(policy, "disable_adapter")
     strategy = resolve_strategy(settings.strategy, is_peft)
+    if strategy == "adapter" and adapter_changes_model(policy):  # disabling it would give the base model
+        return frozen_adapter_reference(policy, average)
     if strategy != "precompute":
         return live_reference(
             strategy, policy, None if strategy == "adapter" else copy.deepcopy(policy), average
         )
-    with policy.disable_adapter() if is_peft else contextlib.nullcontext():
-        for encoded in encoded_sets:
-            if encoded:
-                precompute_reference_logps(
-                    policy,
-                    encoded,
-                    batch_size=batch_size,
-                    pad_token_id=pad_token_id,
-                    cache_dir=settings.cache_dir or cache_dir,
-                    average=average,
-                )
+    for encoded in encoded_sets:
+        if encoded:
+            precompute_reference_logps(
+                policy,
+                encoded,
+                batch_size=batch_size,
+                pad_token_id=pad_token_id,
+                cache_dir=settings.cache_dir or cache_dir,
+                average=average,
+            )
     return None

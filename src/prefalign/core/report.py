@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,13 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     if arr.size == 0:
         return float("nan"), float("nan")
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def seed_stat(values: Sequence[float]):
+    """What a table cell shows for one number per seed: the value alone for one seed (there is no spread to
+    show), else (mean, sample std), printed `mean ± std`."""
+    values = list(values)
+    return float(values[0]) if len(values) == 1 else mean_std(values)
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -135,3 +143,165 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------ model card, eval.md
+
+
+def _version() -> str:
+    try:
+        return metadata.version("prefalign")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _numbers(metrics: dict) -> dict[str, float]:
+    return {
+        k: v
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+    }
+
+
+def metrics_table(metrics: dict, digits: int = 4) -> str:
+    """A two-column markdown table of the numeric entries of `metrics`."""
+    rows = [f"| {k} | {v:.{digits}g} |" for k, v in _numbers(metrics).items()]
+    return "\n".join(["| metric | value |", "|---|---|", *rows]) if rows else "(none)"
+
+
+def _data_text(data: dict) -> str:
+    train = data.get("train")
+    items = train if isinstance(train, list) else [train]
+    names = []
+    for item in items:
+        if isinstance(item, dict):
+            names.append(f"`{item.get('path')}` (weight {item.get('weight')})")
+        elif item:
+            names.append(f"`{item}`")
+    text = " + ".join(names) or "in-memory records (passed to `prefalign.run`)"
+    if data.get("eval"):
+        text += f"; eval: `{data['eval']}`"
+    elif data.get("eval_fraction"):
+        text += f"; eval: {data['eval_fraction']:.0%} of train held out"
+    return text
+
+
+def model_card(cfg: dict, summary: dict, folder: Path, evaluation: dict | None = None) -> str:
+    """README.md of a model folder (`final/` or an export): base model, method, data, key settings and the
+    evaluation numbers. How to load it follows from what the folder holds (an adapter or a full model)."""
+    model, train, loss = cfg.get("model", {}), cfg.get("train", {}), cfg.get("loss") or {}
+    base = model.get("name_or_path", "")
+    adapter = (Path(folder) / "adapter_config.json").is_file()
+    is_lm = adapter or (Path(folder) / "config.json").is_file()
+    lora = (model.get("lora") or {}).get("enabled", False)
+    options = ", ".join(f"{k} {v}" for k, v in loss.items() if k != "name" and v is not None)
+    loss_text = f"`{loss.get('name')}`" + (f" ({options})" if options else "") if loss else "-"
+    front = ["---", "tags: [prefalign, " + cfg.get("method", "") + "]"]
+    if base and not base.startswith(("world:", ".", "/", "~")) and is_lm:  # a hub id
+        front.append(f"base_model: {base}")
+    if is_lm:
+        front.append(f"library_name: {'peft' if adapter else 'transformers'}")
+    front.append("---")
+    lora_text = (
+        f"LoRA r {model['lora'].get('r')}, alpha {model['lora'].get('alpha')}, "
+        f"targets {model['lora'].get('target_modules') or 'all linear layers'}"
+        + ("" if adapter or not is_lm else " (merged into the base here)")
+        if lora
+        else "full fine-tuning"
+    )
+    rows = {
+        "base model": f"`{base}`" if base else "-",
+        "method": f"{cfg.get('method')} (prefalign {_version()})",
+        "loss": loss_text,
+        "fine-tuning": lora_text if base else "-",
+        "data": _data_text(cfg.get("data") if isinstance(cfg.get("data"), dict) else {}),
+        "training": (
+            f"{summary.get('steps')} optimizer steps, batch {train.get('batch_size')} x grad_accum "
+            f"{train.get('grad_accum')}, learning rate {train.get('learning_rate')} ({train.get('lr_scheduler')}, "
+            f"warmup {train.get('warmup_steps')}), seed {train.get('seed')}"
+        ),
+        "precision": f"weights {model.get('dtype', 'float32')}, mixed precision {train.get('mixed_precision')}",
+    }
+    lines = [
+        *front,
+        f"# {Path(base).name if base else cfg.get('method')} aligned with {cfg.get('method')}",
+        "",
+        "Trained with prefalign (`prefalign train`); the run's full config is `config.yaml` in the run "
+        "directory that holds this folder.",
+        "",
+        "| | |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in rows.items()],
+        "",
+        "## Results",
+        "",
+        "Training metrics of the last logging window:",
+        "",
+        metrics_table(summary.get("final", {})),
+    ]
+    if summary.get("eval"):
+        lines += ["", "Held-out evaluation at the end of training:", "", metrics_table(summary["eval"])]
+    if evaluation:
+        lines += ["", "`prefalign eval` (eval.json):", "", metrics_table(evaluation)]
+    if is_lm:
+        loader = "AutoPeftModelForCausalLM" if adapter else "AutoModelForCausalLM"
+        module = "peft" if adapter else "transformers"
+        lines += [
+            "",
+            "## Use",
+            "",
+            "```python",
+            f"from {module} import {loader}",
+            f'model = {loader}.from_pretrained("PATH/TO/THIS/FOLDER")',
+            "```",
+        ]
+        if adapter and base.startswith("world:"):
+            lines.append(
+                f"\nThe base is `{base}`, a prefalign world: load it with prefalign, or write a merged copy "
+                "with `prefalign export RUN_DIR OUT --merge-lora`."
+            )
+    lines += _diffusion_use(Path(folder), base)
+    return "\n".join(lines) + "\n"
+
+
+def _diffusion_use(folder: Path, base: str) -> list[str]:
+    """How to load a diffusion run trained on a Stable Diffusion pipeline: its LoRA through the pipeline's
+    `load_lora_weights`, or its UNet (a bare-UNet run, with `scheduler/` beside it, has no pipeline)."""
+    if (folder / "pytorch_lora_weights.safetensors").is_file():
+        load = ['pipe.load_lora_weights("PATH/TO/THIS/FOLDER")']
+    elif (folder / "unet").is_dir() and not (folder / "scheduler").is_dir():
+        load = ['pipe.unet = UNet2DConditionModel.from_pretrained("PATH/TO/THIS/FOLDER/unet")']
+    else:
+        return []
+    where = (
+        f"prefalign world `{base}` (its pipeline folder is in prefalign's cache)"
+        if base.startswith("world:")
+        else f"`{base}`"
+    )
+    return [
+        "", "## Use", "", f"The base pipeline is {where}.", "", "```python",
+        "from diffusers import DiffusionPipeline, UNet2DConditionModel",
+        f'pipe = DiffusionPipeline.from_pretrained("{base if not base.startswith("world:") else "BASE_PIPELINE"}")',
+        *load, 'image = pipe("a prompt").images[0]', "```",
+    ]  # fmt: skip
+
+
+def eval_markdown(run_dir: Path, method: str, result: dict) -> str:
+    """eval.md: the numbers of eval.json in a table, what they measure, and the generated samples."""
+    result = dict(result)
+    samples = result.pop("samples", None)
+    notes = result.pop("notes", [])
+    lines = [f"# Evaluation of `{run_dir}` ({method})", ""]
+    lines += [f"- {note}" for note in notes]
+    lines += ["", metrics_table(result)]
+    if samples:
+        lines += ["", "## Samples (policy beside reference, same prompt, sampled at temperature 1)", ""]
+        for i, sample in enumerate(samples):
+            lines += [
+                f"**{i + 1}. prompt:** {sample['prompt']}",
+                "",
+                f"- policy: {sample['policy']}",
+                f"- reference: {sample['reference']}",
+                "",
+            ]
+    return "\n".join(lines).rstrip() + "\n"

@@ -7,9 +7,11 @@ add worlds the same way.
 
 A source has a `kind` saying what `load()` returns:
 - "causal_lm": `(model, tokenizer)` of a transformers causal LM (a world's reference policy);
-- "diffusion": a `core.diffusion.DiffusionParts` (UNet, scheduler, optional VAE/text encoders);
-- "pairs": preference data made by the world (`load(**options)` -> the arrays of `core.images`).
-`evaluate(policy, reference, **options) -> dict`, when given, is the world's ground truth for a trained policy.
+- "diffusion": a `core.pipelines.DiffusionParts` (UNet, scheduler, optional VAE/text encoders; the older
+  `(unet, scheduler)` pair is accepted too);
+- "pairs": preference data made by the world (`load(parts, **options)` -> the arrays of `core.images`).
+`evaluate(policy, reference, **options) -> dict`, when given, is the world's ground truth for a trained policy
+(diffusion: `evaluate(parts, samples_per_class=...)`, the parts holding the trained UNet).
 """
 
 from __future__ import annotations

@@ -26,10 +26,11 @@ from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import extract_model_from_parallel, send_to_device, set_seed
-from tqdm.auto import tqdm
+from accelerate.tracking import get_available_trackers
+from accelerate.utils import LoggerType, extract_model_from_parallel, send_to_device, set_seed
 from transformers import get_scheduler
 
+from prefalign.core import console
 from prefalign.core.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from prefalign.core.errors import ConfigError, NonFiniteLossError
 from prefalign.core.metrics import MetricsLog
@@ -37,29 +38,32 @@ from prefalign.core.metrics import MetricsLog
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "runs/run"
-    seed: int = 0
+    output_dir: str = "runs/run"  # the run directory: config.yaml, metrics.jsonl, checkpoints/, final/
+    seed: int = 0  # data order, LoRA init, dropout and sampling all follow from it
     max_steps: int = 100  # optimizer steps; `epochs` overrides it when set
-    epochs: float | None = None
+    epochs: float | None = None  # passes over the training records (fractions allowed); sets the step count
     batch_size: int = 8  # records per micro-batch per process
-    grad_accum: int = 1
+    grad_accum: int = (
+        1  # micro-batches per optimizer step (records per step = batch_size x grad_accum x processes)
+    )
     eval_batch_size: int = 16  # records per batch in evaluation and reference precompute
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    warmup_steps: int = 0
+    learning_rate: float = 5e-5  # peak AdamW learning rate (after warmup)
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_beta1: float = 0.9  # AdamW β1
+    adam_beta2: float = 0.999  # AdamW β2
+    warmup_steps: int = 0  # linear warmup from 0 to learning_rate over these optimizer steps
     lr_scheduler: str = "cosine"  # any transformers.get_scheduler name: linear, cosine, constant, ...
     max_grad_norm: float = 1.0  # 0 disables clipping
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # float32 on CPU by default (bf16 is slow there)
-    shuffle: bool = True
-    log_every: int = 10
+    # autocast of the forward pass; weights keep model.dtype (GPU: float32 weights + bf16; CPU: no)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    shuffle: bool = True  # a new seeded order of the records every epoch (false: file order)
+    log_every: int = 10  # optimizer steps per line in metrics.jsonl and on the console
     eval_every: int = 0  # 0: evaluate only at the end (when the method has an evaluation)
     save_every: int = 0  # 0: checkpoint only at the end
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # newest checkpoints kept in output_dir/checkpoints/
     resume: bool = True  # continue from the newest checkpoint in output_dir, if any
-    report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, ...
-    progress: bool = True
+    report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, mlflow, ...
+    progress: bool = True  # console output: what will run, a metrics line every log_every, a summary
 
     def validate(self):
         for name in (
@@ -89,7 +93,8 @@ class Job:
     """One method's run, as the runner drives it. `step(model, batch) -> (loss, metrics)`;
     `evaluate(model) -> dict` (logged with an `eval/` prefix); `save(model, dir)` writes `final/`;
     `summarize(history) -> dict` adds the method's headline numbers to `summary.json`;
-    `train(ctx) -> FitResult` replaces the single `fit` for methods with their own loop (EM-DPO)."""
+    `train(ctx) -> FitResult` replaces the single `fit` for methods with their own loop (EM-DPO);
+    `info` = {name: text} lines the console shows before training (data, split, reference, packing)."""
 
     model: Any
     dataset: Sequence | None = None
@@ -101,6 +106,7 @@ class Job:
     summarize: Callable[[list[dict]], dict] | None = None
     train: Callable[[Any], FitResult] | None = None
     desc: str = "train"
+    info: dict[str, str] = field(default_factory=dict)
 
 
 def join_evaluations(*fns: Callable | None) -> Callable | None:
@@ -111,7 +117,34 @@ def join_evaluations(*fns: Callable | None) -> Callable | None:
     return lambda model: {k: v for fn in fns for k, v in fn(model).items()}
 
 
+# tracker name -> the pip package accelerate needs for it
+TRACKER_PACKAGES = {
+    "tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet-ml", "aim": "aim", "mlflow": "mlflow",
+    "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio",
+}  # fmt: skip
+
+
+def check_trackers(names: list[str]) -> None:
+    """Every `train.report_to` tracker is one accelerate knows and is installed: a ConfigError with the pip
+    command otherwise (accelerate itself would only log a warning and train without it)."""
+    known = {t.value for t in LoggerType} - {"all"}
+    installed = {str(getattr(t, "value", t)) for t in get_available_trackers()}
+    for name in names:
+        if name not in known:
+            raise ConfigError(
+                f"config key 'train.report_to': unknown tracker '{name}'; choose from {', '.join(sorted(known))}"
+            )
+        if name not in installed:
+            package = TRACKER_PACKAGES.get(name, name)
+            extra = f"pip install 'prefalign[{name}]' or " if name == "tensorboard" else ""
+            raise ConfigError(
+                f"config key 'train.report_to': tracker '{name}' needs the '{package}' package, which is not "
+                f"installed: {extra}pip install {package}"
+            )
+
+
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    check_trackers(cfg.report_to)
     kwargs = {}
     if cfg.report_to and cfg.output_dir:
         kwargs = {"log_with": cfg.report_to, "project_dir": cfg.output_dir}
@@ -209,7 +242,10 @@ def fit(
             with torch.no_grad():
                 result = evaluate_fn(bare)
             bare.train(was_training)
-            log.write({"step": step, **{f"eval/{k}": _to_float(v) for k, v in result.items()}})
+            record = {"step": step, **{f"eval/{k}": _to_float(v) for k, v in result.items()}}
+            log.write(record)
+            if talk:
+                console.say(console.eval_line(record))
         accelerator.wait_for_everyone()
 
     def checkpoint() -> None:
@@ -219,13 +255,9 @@ def fit(
                 run_dir, step, model, optimizer, scheduler, state, accelerator, stateful, cfg.keep_checkpoints
             )
 
-    bar = tqdm(
-        total=max_steps,
-        initial=step,
-        desc=desc,
-        disable=not (cfg.progress and accelerator.is_main_process),
-        dynamic_ncols=True,
-    )
+    talk = cfg.progress and accelerator.is_main_process  # console lines (and a bar, on a terminal)
+    bar = console.progress(total=max_steps, initial=step, desc=desc, disable=not talk)
+    started = time.time()
     model.train()
     while step < max_steps:
         mine = [micro_batch + j for j in range(per_step) if j % n_proc == accelerator.process_index]
@@ -259,7 +291,8 @@ def fit(
         if step % cfg.log_every == 0 or step == max_steps:
             epoch = round(micro_batch / order.batches_per_epoch, 4)
             record = log.flush(step, {"epoch": epoch, "learning_rate": scheduler.get_last_lr()[0]})
-            bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
+            if talk:
+                console.say(console.metrics_line(record, max_steps, time.time() - started))
         if cfg.eval_every and step % cfg.eval_every == 0 and step < max_steps:
             run_eval()
         if cfg.save_every and step % cfg.save_every == 0 and step < max_steps:

@@ -4,12 +4,20 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 from prefalign import runner
 from prefalign.core.config import build
 from prefalign.core.data import save_jsonl
-from prefalign.core.report import markdown_table, mean_std, plot_lines, write_report, write_summary
+from prefalign.core.report import (
+    markdown_table,
+    mean_std,
+    plot_lines,
+    seed_stat,
+    write_report,
+    write_summary,
+)
 from prefalign.methods import dpo
 from prefalign.worlds.reviews import ReviewsWorld
 
@@ -62,13 +70,44 @@ def train_settings(out_dir: Path, seed: int, s: dict) -> dict:
     }
 
 
-def train_one(world, reference, tokenizer, records, method: str, out_dir: Path, seed: int, s: dict) -> dict:
+def data_settings(data_file: Path | None) -> dict:
+    """The `data:` section of the demos' runs: the saved training file (recorded in config.yaml, so `prefalign
+    eval` finds the run's prompts and world.json; the records themselves are passed in memory), no split."""
+    data = {"max_length": 64, "max_prompt_length": 16}
+    return {**data, "train": str(data_file), "eval_fraction": 0.0} if data_file else data
+
+
+def write_world(out_dir: Path, model: str, quick: bool, demo: str, preferences: str) -> Path:
+    """data/world.json: which world and annotator type made the data (runs trained on it copy it, and
+    `prefalign eval` then reports ground truth for that type)."""
+    path = out_dir / "data" / "world.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    made_by = f"prefalign demo {demo}{' --quick' if quick else ''}"
+    info = {"world": model, "annotator_types": {TARGET: 1.0}, "made_by": made_by, "preferences": preferences}
+    path.write_text(json.dumps(info, indent=2) + "\n")
+    return path
+
+
+def measures(world, s: dict) -> str:
+    """The report's line defining its three measures."""
+    return (
+        f"**Measures** (the world's ground truth on its {len(world.eval_prompts)} held-out prompts, samples at "
+        f"temperature 1): *true reward* = mean `{TARGET}` reward of the policy's samples (each in [−1, 1]); "
+        "*KL* = KL(π‖π_ref) to the reference policy in nats per response, estimated on the policy's samples; "
+        "*win rate* = P(a policy sample's true reward > a **reference-policy** sample's on the same prompt) "
+        "+ ½·P(tie), so 0.5 means no better than the reference. The table samples "
+        f"{s['final_samples']} responses per prompt."
+    )
+
+
+def train_one(world, reference, tokenizer, records, method: str, out_dir: Path, seed: int, s: dict,
+              data_file: Path | None = None) -> dict:  # fmt: skip
     """Train one method from the reference; returns final ground-truth metrics and the curve over training."""
     cfg = build(
         dpo.Config,
         {
             "model": {"name_or_path": s["model"]},  # recorded in config.yaml for `prefalign eval`
-            "data": {"max_length": 64, "max_prompt_length": 16},
+            "data": data_settings(data_file),
             "loss": METHODS[method],
             "train": train_settings(out_dir, seed, s),
         },
@@ -92,13 +131,14 @@ def run(out_dir: Path, quick: bool = False, seeds: list[int] | None = None) -> d
     out_dir = Path(out_dir)
     world = ReviewsWorld(seed=0, quick=quick)
     reference, tokenizer = world.reference()
+    write_world(out_dir, s["model"], quick, "dpo", f"Plackett-Luce, temperature {ANNOTATOR_TEMPERATURE}")
     per_seed: dict[str, list[dict]] = {"reference": [], **{m: [] for m in METHODS}}
     for seed in seeds:
         prompts = world.train_prompts * s["pairs_per_prompt"]
         records, _ = world.preference_data(
             prompts, TARGET, n_responses=2, temperature=ANNOTATOR_TEMPERATURE, seed=seed
         )
-        save_jsonl(records, out_dir / "data" / f"train-seed{seed}.jsonl")
+        data_file = save_jsonl(records, out_dir / "data" / f"train-seed{seed}.jsonl")
         if seed == seeds[0]:
             save_jsonl(records, out_dir / "data" / "train.jsonl")
         per_seed["reference"].append(
@@ -107,24 +147,68 @@ def run(out_dir: Path, quick: bool = False, seeds: list[int] | None = None) -> d
         for method in METHODS:
             per_seed[method].append(
                 train_one(
-                    world, reference, tokenizer, records, method, out_dir / f"seed{seed}" / method, seed, s
-                )
+                    world,
+                    reference,
+                    tokenizer,
+                    records,
+                    method,
+                    out_dir / f"seed{seed}" / method,
+                    seed,
+                    s,
+                    data_file,
+                )  # fmt: skip
             )
-    return write_outputs(out_dir, per_seed, seeds, quick, len(records))
+    return write_outputs(out_dir, per_seed, seeds, quick, len(records), world, s)
 
 
-def write_outputs(out_dir: Path, per_seed: dict, seeds: list[int], quick: bool, n_records: int) -> dict:
-    keys = ("true_reward", "kl", "win_rate")
-    summary: dict = {"target_type": TARGET, "seeds": seeds, "quick": quick, "n_train_pairs": n_records}
+def seed_columns(per_seed: dict, keys, summary: dict) -> list[dict]:
+    """Table rows and summary entries per method: the mean, and the std over seeds (null for one seed:
+    there is no spread to show)."""
     rows = []
     for method, results in per_seed.items():
         stats = {k: mean_std([r[k] for r in results]) for k in keys}
         summary[method] = {k: stats[k][0] for k in keys}
-        summary[method].update({f"{k}_std": stats[k][1] for k in keys})
+        summary[method].update({f"{k}_std": stats[k][1] if len(results) > 1 else None for k in keys})
         summary[method]["per_seed"] = [{k: r[k] for k in keys} for r in results]
-        rows.append({"method": method, **{k: stats[k] for k in keys}})
+        rows.append({"method": method, **{k: seed_stat([r[k] for r in results]) for k in keys}})
+    return rows
+
+
+def seeds_heading(seeds: list[int]) -> str:
+    if len(seeds) == 1:
+        return f"one seed ({seeds[0]}): no spread to show; `--seeds 3` gives mean ± std"
+    return f"mean ± sample std over {len(seeds)} seeds {seeds}"
+
+
+def curve_vs_table(per_seed: dict, methods, s: dict) -> str:
+    """Why the curves' last points and the table differ for the same final model, with both numbers."""
+    ends = []
+    for method in methods:
+        curve, final = per_seed[method][0]["curve"], per_seed[method][0]
+        if curve:
+            ends.append(
+                f"{method} {curve[-1]['eval/true_reward']:.3f} (KL {curve[-1]['eval/kl']:.2f}) in the curve, "
+                f"{final['true_reward']:.3f} (KL {final['kl']:.2f}) in the table"
+            )
+    return (
+        f"The curves evaluate during training with {s['eval_samples']} samples per prompt (sampling seed = "
+        f"the training seed); the table evaluates each final model again with {s['final_samples']} samples "
+        "per prompt and another sampling seed. So the curve's last point and the table measure the same model "
+        "with different samples and differ by sampling noise (first seed: " + "; ".join(ends) + ")."
+    )
+
+
+def write_outputs(out_dir: Path, per_seed: dict, seeds: list[int], quick: bool, n_records: int, world,
+                  s: dict) -> dict:  # fmt: skip
+    keys = ("true_reward", "kl", "win_rate")
+    summary: dict = {"target_type": TARGET, "seeds": seeds, "quick": quick, "n_train_pairs": n_records}
+    rows = seed_columns(per_seed, keys, summary)
     margins = [d["true_reward"] - r["true_reward"] for d, r in zip(per_seed["dpo"], per_seed["reference"])]
-    summary["dpo_margin_over_reference"] = dict(zip(("mean", "std"), mean_std(margins)))
+    margin_mean, margin_std = mean_std(margins)
+    summary["dpo_margin_over_reference"] = {
+        "mean": margin_mean,
+        "std": margin_std if len(margins) > 1 else None,
+    }
 
     # curves of the first seed: true reward against KL, and both against steps (step 0 = the reference)
     start = per_seed["reference"][0]
@@ -152,14 +236,16 @@ def write_outputs(out_dir: Path, per_seed: dict, seeds: list[int], quick: bool, 
         "true reward over training",
         markers=True,
     )
-    m = summary["dpo_margin_over_reference"]
+    margin = f"{margin_mean:.3f}" + (f" ± {margin_std:.3f}" if len(margins) > 1 else "")
     sections = [
         f"Reviews world; preferences from annotators of type `{TARGET}` (Plackett–Luce sampled), "
         f"annotator temperature {ANNOTATOR_TEMPERATURE}, {n_records} pairs per seed, seeds {seeds}{' (quick)' if quick else ''}. "
         "Policies start from the world's SFT reference; evaluation samples held-out prompts.",
-        "## Results (mean ± std over seeds)\n\n" + markdown_table(rows, ["method", *keys]),
-        f"DPO raises the true reward by **{m['mean']:.3f} ± {m['std']:.3f}** over the reference.",
-        "## Over training (first seed)\n\n![reward vs KL](reward_vs_kl.png)\n\n![reward vs step](reward_vs_step.png)",
+        measures(world, s),
+        f"## Results ({seeds_heading(seeds)})\n\n" + markdown_table(rows, ["method", *keys]),
+        f"DPO raises the true reward by **{margin}** over the reference.",
+        "## Over training (first seed)\n\n![reward vs KL](reward_vs_kl.png)\n\n![reward vs step](reward_vs_step.png)"
+        "\n\n" + curve_vs_table(per_seed, METHODS, s),
     ]
     write_report(out_dir, "DPO and IPO on the reviews world", sections)
     write_summary(out_dir, summary)

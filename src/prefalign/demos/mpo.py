@@ -17,7 +17,7 @@ import numpy as np
 from prefalign import runner
 from prefalign.core.config import build
 from prefalign.core.data import save_jsonl
-from prefalign.core.report import markdown_table, mean_std, plot_lines, write_report, write_summary
+from prefalign.core.report import markdown_table, plot_lines, write_report, write_summary
 from prefalign.demos import dpo as dpo_demo
 from prefalign.methods import mpo
 from prefalign.worlds.reviews import ReviewsWorld
@@ -29,13 +29,15 @@ MPO = {"samples_per_prompt": 16, "max_new_tokens": 48}
 KEYS = ("true_reward", "kl", "win_rate")
 
 
-def train_mpo(world, reference, tokenizer, records, out_dir: Path, seed: int, s: dict) -> dict:
+def train_mpo(
+    world, reference, tokenizer, records, out_dir: Path, seed: int, s: dict, data_file: Path
+) -> dict:
     """MPO from the reference with the DPO demo's training settings; final metrics and the curve."""
     cfg = build(
         mpo.Config,
         {
             "model": {"name_or_path": s["model"]},
-            "data": {"max_length": 64, "max_prompt_length": 16},
+            "data": dpo_demo.data_settings(data_file),
             "loss": MPO_LOSS,
             "mpo": MPO,
             "train": dpo_demo.train_settings(out_dir, seed, s),
@@ -58,6 +60,8 @@ def run(out_dir: Path, quick: bool = False, seeds: list[int] | None = None) -> d
     out_dir = Path(out_dir)
     world = ReviewsWorld(seed=0, quick=quick)
     reference, tokenizer = world.reference()
+    preferences = f"deterministic: the higher {TARGET} reward always wins"
+    dpo_demo.write_world(out_dir, s["model"], quick, "mpo", preferences)
     per_seed: dict[str, list[dict]] = {"reference": [], **{m: [] for m in METHODS}}
     start_points = []
     for seed in seeds:
@@ -66,7 +70,7 @@ def run(out_dir: Path, quick: bool = False, seeds: list[int] | None = None) -> d
         # the reference sometimes answers with EOS at once; data.py refuses empty responses when the saved
         # file is read back (configs/mpo_reviews.yaml), so all methods train without those few pairs
         records = [r for r in records if all(r.responses)]
-        save_jsonl(records, out_dir / "data" / f"train-seed{seed}.jsonl")
+        data_file = save_jsonl(records, out_dir / "data" / f"train-seed{seed}.jsonl")
         if seed == seeds[0]:
             save_jsonl(records, out_dir / "data" / "train.jsonl")  # configs/mpo_reviews.yaml reads this
         per_seed["reference"].append(
@@ -76,11 +80,13 @@ def run(out_dir: Path, quick: bool = False, seeds: list[int] | None = None) -> d
         for method in METHODS:
             run_dir = out_dir / f"seed{seed}" / method
             if method == "mpo":
-                result = train_mpo(world, reference, tokenizer, records, run_dir, seed, s)
+                result = train_mpo(world, reference, tokenizer, records, run_dir, seed, s, data_file)
             else:
-                result = dpo_demo.train_one(world, reference, tokenizer, records, method, run_dir, seed, s)
+                result = dpo_demo.train_one(
+                    world, reference, tokenizer, records, method, run_dir, seed, s, data_file
+                )
             per_seed[method].append(result)
-    return write_outputs(out_dir, per_seed, start_points, seeds, quick, len(records))
+    return write_outputs(out_dir, per_seed, start_points, seeds, quick, len(records), world, s)
 
 
 def mean_curves(per_seed: dict, start_points: list[dict]) -> dict:
@@ -113,7 +119,7 @@ def check_claim(curves: dict, summary: dict) -> dict:
         return float(kl[-1] - kl[len(kl) // 2])
 
     dpo, mpo_ = summary["dpo"], summary["mpo"]
-    tolerance = float(np.hypot(dpo["true_reward_std"], mpo_["true_reward_std"]))
+    tolerance = float(np.hypot(dpo["true_reward_std"] or 0.0, mpo_["true_reward_std"] or 0.0))
     claim = {
         "dpo_kl_growth_second_half": growth("dpo"),
         "ipo_kl_growth_second_half": growth("ipo"),
@@ -130,7 +136,14 @@ def check_claim(curves: dict, summary: dict) -> dict:
 
 
 def write_outputs(
-    out_dir: Path, per_seed: dict, start_points: list, seeds: list, quick: bool, n_records: int
+    out_dir: Path,
+    per_seed: dict,
+    start_points: list,
+    seeds: list,
+    quick: bool,
+    n_records: int,
+    world,
+    s: dict,
 ):
     summary: dict = {
         "target_type": TARGET,
@@ -141,13 +154,7 @@ def write_outputs(
         "mpo_settings": {**MPO_LOSS, **MPO},
         "dpo_ipo_beta": 0.1,
     }
-    rows = []
-    for method, results in per_seed.items():
-        stats = {k: mean_std([r[k] for r in results]) for k in KEYS}
-        summary[method] = {k: stats[k][0] for k in KEYS}
-        summary[method].update({f"{k}_std": stats[k][1] for k in KEYS})
-        summary[method]["per_seed"] = [{k: r[k] for k in KEYS} for r in results]
-        rows.append({"method": method, **{k: stats[k] for k in KEYS}})
+    rows = dpo_demo.seed_columns(per_seed, KEYS, summary)
     curves = mean_curves(per_seed, start_points)
     summary["curves"] = {
         m: {"steps": c["steps"], **{k: c[k][0].tolist() for k in KEYS}} for m, c in curves.items()
@@ -180,23 +187,28 @@ def write_outputs(
     )
 
     verdict = "**holds**" if claim["holds"] else "**does not hold**"
+    tolerance_text = (
+        f"− {claim['reward_tolerance']:.3f} (their pooled seed std)"
+        if len(seeds) > 1
+        else "(one seed: no spread to allow for)"
+    )
     sections = [
         f"Reviews world, preference pairs labelled **deterministically** by the `{TARGET}` reward (the higher "
         f"true reward always wins); {n_records} pairs per seed, seeds {seeds}{' (quick)' if quick else ''}. "
         "DPO and IPO (β = 0.1, the DPO demo's settings) and MPO (our reconstruction, docs/mpo.md; "
         f"{', '.join(f'{k} = {v}' for k, v in MPO.items())}) train for the same steps from the same reference.",
-        "## Final results (held-out prompts, mean ± std over seeds)\n\n"
-        + markdown_table(rows, ["method", *KEYS]),
+        dpo_demo.measures(world, s),
+        f"## Final results ({dpo_demo.seeds_heading(seeds)})\n\n" + markdown_table(rows, ["method", *KEYS]),
         f"## The claim: {verdict} in this run\n\n"
         "DPO's KL keeps growing while MPO's stays bounded, at an equal or higher true reward. "
         "KL growth over the second half of training (seed mean): "
         f"DPO {claim['dpo_kl_growth_second_half']:.3f}, IPO {claim['ipo_kl_growth_second_half']:.3f}, "
         f"MPO {claim['mpo_kl_growth_second_half']:.3f} nats. "
         f"DPO's KL keeps growing: {claim['dpo_kl_keeps_growing']}; MPO's KL bounded (grows < half of DPO's and "
-        f"ends lower): {claim['mpo_kl_bounded']}; MPO's true reward ≥ DPO's − {claim['reward_tolerance']:.3f}: "
+        f"ends lower): {claim['mpo_kl_bounded']}; MPO's true reward ≥ DPO's {tolerance_text}: "
         f"{claim['mpo_reward_at_least_dpo']}.",
         "## Over training\n\n![KL over training](kl_vs_step.png)\n\n![true reward over training](reward_vs_step.png)"
-        "\n\n![reward vs KL](reward_vs_kl.png)",
+        "\n\n![reward vs KL](reward_vs_kl.png)\n\n" + dpo_demo.curve_vs_table(per_seed, METHODS, s),
     ]
     write_report(out_dir, "DPO vs IPO vs MPO on deterministic preferences (reviews world)", sections)
     write_summary(out_dir, summary)

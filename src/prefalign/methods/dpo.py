@@ -16,14 +16,17 @@ from pathlib import Path
 
 import torch
 
-from prefalign.core import sources
 from prefalign.core.config import build_loss
+from prefalign.core.console import lm_rows
 from prefalign.core.data import DataConfig, load_records
+from prefalign.core.encode import apply_chat_template, encode_data, fit_lengths
 from prefalign.core.errors import ConfigError
-from prefalign.core.logprobs import check_packing, collate, encode_records, sequence_logps
+from prefalign.core.evaluation import held_out_records, truth_notes_and_samples
+from prefalign.core.logprobs import check_packing, collate, sequence_logps
 from prefalign.core.metrics import WeightedMean, preference_metrics
 from prefalign.core.models import (
     ModelConfig,
+    disable_dropout,
     load_base_model,
     load_policy,
     load_trained,
@@ -180,11 +183,14 @@ def setup(cfg: Config, ctx, *, records=None, eval_records=None, model=None, toke
     check_records_fit(eval_records or [], loss, "data.eval")
     if model is None:
         model, tokenizer = load_policy(cfg.model, seed=cfg.train.seed)
+    elif not cfg.model.dropout:
+        disable_dropout(model)
     model.to(ctx.accelerator.device)  # precompute and the packing check run on the training device
     pad = pad_token_id(tokenizer)
-    encode = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
-    train_set = encode_records(tokenizer, records, **encode)
-    eval_set = encode_records(tokenizer, eval_records, **encode) if eval_records else []
+    apply_chat_template(tokenizer, cfg.data)
+    lengths = fit_lengths(cfg.data, model)
+    train_set = encode_data(tokenizer, records, cfg.data, "data.train", lengths)
+    eval_set = encode_data(tokenizer, eval_records or [], cfg.data, "data.eval", lengths)
     reference_fn = None
     if loss.needs_reference:
         reference_fn = prepare_reference(
@@ -205,6 +211,7 @@ def setup(cfg: Config, ctx, *, records=None, eval_records=None, model=None, toke
         else None
     )
     evaluate = join_evaluations(held_out, evaluate_fn)
+    reference = cfg.model.reference.strategy if loss.needs_reference else None  # for the console
 
     return Job(
         model=model,
@@ -214,32 +221,38 @@ def setup(cfg: Config, ctx, *, records=None, eval_records=None, model=None, toke
         evaluate=evaluate,
         save=lambda trained, path: save_model(trained, tokenizer, path),
         desc=loss.name,
+        info=lm_rows(cfg, records, eval_records, train_set, reference),
     )
 
 
-def evaluate_run(run_dir: Path, cfg: Config) -> dict:
-    """`prefalign eval RUN_DIR`: held-out loss and metrics on the run's eval data (when it has data files),
-    and the world's ground truth when the run started from a registered source (`world:...`)."""
+def evaluate_run(run_dir: Path, cfg: Config, data: str | None = None, samples: int = 0) -> dict:
+    """`prefalign eval RUN_DIR`: held-out loss and metrics on the run's eval data (or on `data`), the world's
+    ground truth when the run started from a registered source (`world:...`), and `samples` generated
+    samples beside the reference's."""
     policy, tokenizer = load_trained(Path(run_dir) / "final", cfg.model)
     policy.eval()
     out: dict = {}
     loss = PreferenceLoss(cfg.loss)
-    if cfg.data.train:
-        _, eval_records = load_records(cfg.data, cfg.train.seed)
-        if eval_records:
-            pad = pad_token_id(tokenizer)
-            encode = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
-            encoded = encode_records(tokenizer, eval_records, **encode)
-            if loss.needs_reference:
-                precompute_reference_logps(
-                    load_base_model(cfg.model),
-                    encoded,
-                    batch_size=cfg.train.eval_batch_size,
-                    pad_token_id=pad,
-                    cache_dir=str(Path(run_dir) / "reference_cache"),
-                    average=loss.average,
-                )
-            metrics = evaluate_loss(policy, encoded, loss, pad, cfg.train.eval_batch_size)
-            out.update({f"eval/{k}": v for k, v in metrics.items()})
-    out.update(sources.ground_truth(cfg.model.name_or_path, "causal_lm", policy))
-    return out
+    eval_records, note = held_out_records(cfg.data, cfg.train.seed, data)
+    check_records_fit(eval_records, loss, data or "data.eval")
+    reference = load_base_model(cfg.model) if (eval_records and loss.needs_reference) or samples else None
+    if eval_records:
+        pad = pad_token_id(tokenizer)
+        apply_chat_template(tokenizer, cfg.data)
+        encoded = encode_data(
+            tokenizer, eval_records, cfg.data, data or "data.eval", fit_lengths(cfg.data, policy)
+        )
+        if loss.needs_reference:
+            precompute_reference_logps(
+                reference,
+                encoded,
+                batch_size=cfg.train.eval_batch_size,
+                pad_token_id=pad,
+                cache_dir=str(Path(run_dir) / "reference_cache"),
+                average=loss.average,
+            )
+        metrics = evaluate_loss(policy, encoded, loss, pad, cfg.train.eval_batch_size)
+        out.update({f"eval/{k}": v for k, v in metrics.items()})
+    return truth_notes_and_samples(
+        out, note, cfg, run_dir, policy, tokenizer, eval_records, samples, reference
+    )

@@ -22,7 +22,6 @@ memory, one forward per batch (preference pairs and regularization samples go th
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import hashlib
 import json
@@ -32,16 +31,18 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from tqdm.auto import tqdm
 
-from prefalign.core import sources
 from prefalign.core.config import build_loss
+from prefalign.core.console import lm_rows, progress
 from prefalign.core.data import DataConfig, load_records
+from prefalign.core.encode import apply_chat_template, chat_template_text, encode_data, fit_lengths
 from prefalign.core.errors import ConfigError
-from prefalign.core.logprobs import collate, encode_records, generate_responses, sequence_logps
+from prefalign.core.evaluation import held_out_records, truth_notes_and_samples
+from prefalign.core.logprobs import collate, generate_responses, sequence_logps
 from prefalign.core.metrics import WeightedMean, preference_metrics
 from prefalign.core.models import (
     ModelConfig,
+    disable_dropout,
     load_base_model,
     load_policy,
     load_tokenizer,
@@ -69,7 +70,7 @@ RENAMES = {
 class LossConfig:
     """`loss:` of MPO (every part is our reconstruction, docs/mpo.md)."""
 
-    name: str = "mpo"
+    name: str = "mpo"  # the only loss: mpo
     beta: float | None = None  # temperature inside σ (default 1: the plain importance weight)
     regularization_weight: float = (
         1.0  # λ, weight of the off-policy KL regularizer (NLL of reference samples)
@@ -97,10 +98,10 @@ class MPOSettings:
     """`mpo:` — the regularization set: reference samples drawn once, before training."""
 
     samples_per_prompt: int = 4  # reference samples per unique training prompt
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64  # length limit of each reference sample
     temperature: float = 1.0  # 1 = samples of π_ref itself (the KL estimator needs that)
-    top_p: float = 1.0
-    generation_batch_size: int = 64
+    top_p: float = 1.0  # nucleus sampling (1 = off, as the KL estimator needs)
+    generation_batch_size: int = 64  # sequences generated at once
     chunk_prompts: int = 128  # prompts per atomically written chunk (resume granularity)
     regularization_dir: str | None = None  # default: <output_dir>/regularization
     extra_text: str | None = None  # optional SFT/pretraining text (.txt lines or .jsonl text|prompt+response)
@@ -181,6 +182,12 @@ def make_regularization_data(cfg: Config, *, records=None, model=None, tokenizer
         "chunk_prompts": s.chunk_prompts,
         "seed": cfg.train.seed,
         "model": cfg.model.name_or_path,
+        # everything else that changes what the reference samples: its weights' revision and dtype, the
+        # tokenizer and the chat template that render the prompts
+        "revision": cfg.model.revision,
+        "dtype": cfg.model.dtype,
+        "tokenizer": cfg.model.tokenizer,
+        "chat_template": chat_template_text(cfg.data.chat_template),
     }
     out.mkdir(parents=True, exist_ok=True)
     if (out / "meta.json").is_file():
@@ -199,25 +206,28 @@ def make_regularization_data(cfg: Config, *, records=None, model=None, tokenizer
         return out
     owned = model is None
     if owned:
-        model, tokenizer = load_base_model(cfg.model), load_tokenizer(cfg.model)
-    adapters_off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-    with adapters_off:
-        for i, start in tqdm(todo, desc="mpo: regularization samples"):
-            chunk = prompts[start : start + s.chunk_prompts]
-            samples = generate_responses(
-                model,
-                tokenizer,
-                chunk,
-                n_per_prompt=s.samples_per_prompt,
-                max_new_tokens=s.max_new_tokens,
-                temperature=s.temperature,
-                top_p=s.top_p,
-                batch_size=s.generation_batch_size,
-                seed=cfg.train.seed * 100_003 + i,
-                max_prompt_length=cfg.data.max_prompt_length,
-            )
-            rows = [{"prompt": p, "response": r} for p, rs in zip(chunk, samples) for r in rs]
-            _write_atomic(out / f"chunk-{i:05d}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        model, tokenizer = (
+            load_base_model(cfg.model),
+            apply_chat_template(load_tokenizer(cfg.model), cfg.data),
+        )
+    # the model as it starts is the reference (a fresh LoRA adapter leaves it unchanged, a trained one is part
+    # of it), so its adapters stay on
+    for i, start in progress(todo, desc="mpo: regularization samples"):
+        chunk = prompts[start : start + s.chunk_prompts]
+        samples = generate_responses(
+            model,
+            tokenizer,
+            chunk,
+            n_per_prompt=s.samples_per_prompt,
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            batch_size=s.generation_batch_size,
+            seed=cfg.train.seed * 100_003 + i,
+            max_prompt_length=cfg.data.max_prompt_length,
+        )
+        rows = [{"prompt": p, "response": r} for p, rs in zip(chunk, samples) for r in rs]
+        _write_atomic(out / f"chunk-{i:05d}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     if owned:  # the reference is needed only here: free it before any optimization
         del model
         gc.collect()
@@ -251,39 +261,42 @@ def load_extra_text(path) -> list[tuple]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config key 'mpo.extra_text': file not found: {path}")
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    numbered = [
+        (n, ln) for n, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if ln.strip()
+    ]
     if path.suffix == ".txt":
-        return [("", ln) for ln in lines]
+        return [("", ln) for _, ln in numbered]
     if path.suffix not in (".jsonl", ".ndjson"):
         raise ConfigError(f"config key 'mpo.extra_text': {path}: expected a .txt or .jsonl file")
     pairs = []
-    for row_number, line in enumerate(lines):
+    for row_number, (line_number, line) in enumerate(numbered):
+        at = f"{path}: row {row_number}"  # the data convention: 0-based row, + the file's 1-based line
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: row {row_number}: not valid JSON ({e.msg})") from None
+            raise ConfigError(f"{at}: not valid JSON ({e.msg}) (line {line_number})") from None
         response = (
             row.get("text", row.get("response", row.get("completion"))) if isinstance(row, dict) else None
         )
         if not isinstance(response, str):
             raise ConfigError(
-                f"{path}: row {row_number}: field 'text' (or 'response'/'completion'): expected text"
+                f"{at}: field 'text' (or 'response'/'completion'): expected text (line {line_number})"
             )
         prompt = row.get("prompt") or ""
         if not isinstance(prompt, (str, list)):
-            raise ConfigError(f"{path}: row {row_number}: field 'prompt': expected text or chat messages")
+            raise ConfigError(f"{at}: field 'prompt': expected text or chat messages (line {line_number})")
         pairs.append((prompt, response))
     if not pairs:
         raise ConfigError(f"config key 'mpo.extra_text': {path} holds no text")
     return pairs
 
 
-def encode_samples(tokenizer, pairs, data: DataConfig):
-    """(prompt, response) pairs -> one-candidate `EncodedRecord`s (the NLL rows of a batch)."""
+def encode_samples(tokenizer, pairs, data: DataConfig, lengths=None, name="mpo: regularization samples"):
+    """(prompt, response) pairs -> one-candidate `EncodedRecord`s (the NLL rows of a batch); `lengths` from
+    `core.encode.fit_lengths` (default: the data section's), truncation counted in one warning line."""
     records = [SimpleNamespace(prompt=p, responses=[r], ranking=[0]) for p, r in pairs]
-    return encode_records(
-        tokenizer, records, max_length=data.max_length, max_prompt_length=data.max_prompt_length
-    )
+    lengths = lengths or (data.max_length, data.max_prompt_length)
+    return encode_data(tokenizer, records, data, name, lengths)
 
 
 # ---------------------------------------------------------------- batch step
@@ -373,17 +386,22 @@ def setup(cfg: Config, ctx, *, records=None, eval_records=None, model=None, toke
         raise ConfigError("no training records")
     if model is None:
         model, tokenizer = load_policy(cfg.model, seed=cfg.train.seed)
+    elif not cfg.model.dropout:
+        disable_dropout(model)
     model.to(ctx.accelerator.device)  # sampling the regularization set runs on the training device
     pad = pad_token_id(tokenizer)
+    apply_chat_template(tokenizer, cfg.data)
+    lengths = fit_lengths(cfg.data, model)
     # sampled from the untouched policy = the reference; no second model is ever loaded here
     reg_path = make_regularization_data(cfg, records=records, model=model, tokenizer=tokenizer)
-    regularization = encode_samples(tokenizer, load_regularization_data(reg_path), cfg.data)
+    regularization = encode_samples(tokenizer, load_regularization_data(reg_path), cfg.data, lengths)
     extra = (
-        encode_samples(tokenizer, load_extra_text(cfg.mpo.extra_text), cfg.data) if cfg.mpo.extra_text else []
+        encode_samples(tokenizer, load_extra_text(cfg.mpo.extra_text), cfg.data, lengths, "mpo.extra_text")
+        if cfg.mpo.extra_text
+        else []
     )
-    encode = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
-    train_set = encode_records(tokenizer, records, **encode)
-    eval_set = encode_records(tokenizer, eval_records, **encode) if eval_records else []
+    train_set = encode_data(tokenizer, records, cfg.data, "data.train", lengths)
+    eval_set = encode_data(tokenizer, eval_records or [], cfg.data, "data.eval", lengths)
     # item i <-> regularization sample i mod R (and extra text i mod E): fixed, so resume stays exact
     dataset = [
         (p, regularization[i % len(regularization)], extra[i % len(extra)] if extra else None)
@@ -405,22 +423,27 @@ def setup(cfg: Config, ctx, *, records=None, eval_records=None, model=None, toke
         evaluate=evaluate,
         save=lambda trained, path: save_model(trained, tokenizer, path),
         desc="mpo",
+        info={
+            **lm_rows(cfg, records, eval_records, train_set, None),
+            "reference": f"none in training: {len(regularization)} reference samples in {reg_path} (KL term)",
+        },
     )
 
 
-def evaluate_run(run_dir: Path, cfg: Config) -> dict:
-    """`prefalign eval RUN_DIR`: held-out MPO metrics and, for a `world:` start, the world's ground truth."""
+def evaluate_run(run_dir: Path, cfg: Config, data: str | None = None, samples: int = 0) -> dict:
+    """`prefalign eval RUN_DIR`: held-out MPO metrics (on the run's eval data, or on `data`), for a
+    `world:` start the world's ground truth, and `samples` generated samples beside the reference's."""
     policy, tokenizer = load_trained(Path(run_dir) / "final", cfg.model)
     policy.eval()
     out: dict = {}
-    if cfg.data.train:
-        _, eval_records = load_records(cfg.data, cfg.train.seed)
-        if eval_records:
-            encode = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
-            encoded = encode_records(tokenizer, eval_records, **encode)
-            metrics = evaluate_preferences(
-                policy, encoded, cfg.loss, pad_token_id(tokenizer), cfg.train.eval_batch_size
-            )
-            out.update({f"eval/{k}": v for k, v in metrics.items()})
-    out.update(sources.ground_truth(cfg.model.name_or_path, "causal_lm", policy))
-    return out
+    eval_records, note = held_out_records(cfg.data, cfg.train.seed, data)
+    if eval_records:
+        apply_chat_template(tokenizer, cfg.data)
+        encoded = encode_data(
+            tokenizer, eval_records, cfg.data, data or "data.eval", fit_lengths(cfg.data, policy)
+        )
+        metrics = evaluate_preferences(
+            policy, encoded, cfg.loss, pad_token_id(tokenizer), cfg.train.eval_batch_size
+        )
+        out.update({f"eval/{k}": v for k, v in metrics.items()})
+    return truth_notes_and_samples(out, note, cfg, run_dir, policy, tokenizer, eval_records, samples)

@@ -45,9 +45,9 @@ class FlowModelConfig:
     """`model:` — the vector field v_θ(t, y | x) that is trained (the generator itself is a black box)."""
 
     network: Literal["mlp", "conv"] = "mlp"  # conv needs samples shaped [C, H, W]
-    hidden: int = 256
-    depth: int = 3
-    time_dim: int = 64
+    hidden: int = 256  # width of the hidden layers (conv: channels)
+    depth: int = 3  # hidden layers
+    time_dim: int = 64  # size of the time embedding
     num_classes: int = 0  # class contexts: 0 infers max label + 1
 
     def validate(self):
@@ -74,11 +74,11 @@ class FlowSettings:
     """`flow:` — the probability path and the ODE solver."""
 
     sigma: float = 0.05  # path noise; the reference code uses 0.1, 0 gives straight rectified-flow paths
-    coupling: Literal["pairs", "ot"] = "pairs"
-    solver: Literal["euler", "midpoint", "rk4", "dopri5"] = "midpoint"
+    coupling: Literal["pairs", "ot"] = "pairs"  # pairs as labelled, or re-paired by optimal transport
+    solver: Literal["euler", "midpoint", "rk4", "dopri5"] = "midpoint"  # ODE solver that applies the flow
     solver_steps: int = 8  # fixed-step solvers
     rtol: float = 1e-5  # dopri5
-    atol: float = 1e-5
+    atol: float = 1e-5  # dopri5
 
     def validate(self):
         if self.sigma < 0:
@@ -89,7 +89,7 @@ class FlowSettings:
 
 @dataclass
 class LossConfig:
-    name: str = "flow_matching"
+    name: str = "flow_matching"  # the only loss: flow_matching
 
     def validate(self):
         build_loss(self, LOSSES)

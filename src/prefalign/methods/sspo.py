@@ -25,22 +25,16 @@ from typing import Literal
 
 import torch
 
-from prefalign.core import sources
 from prefalign.core.checkpoint import trainable_state
+from prefalign.core.conditioning import Conditioner, cache_latents
 from prefalign.core.config import build_loss
 from prefalign.core.diffusion import (
-    MODEL_RENAMES,
-    DiffusionModelConfig,
     draw_timesteps_and_noise,
-    evaluate_final,
-    load_base,
-    load_final,
-    load_unet,
+    map_cond,
     noise_pred_error,
     paired_errors,
+    row_generators,
     sample,
-    save_unet,
-    world_evaluation,
 )
 from prefalign.core.errors import ConfigError
 from prefalign.core.images import (
@@ -49,6 +43,16 @@ from prefalign.core.images import (
     collate_images,
     evaluation_pairs,
     load_image_pairs,
+)
+from prefalign.core.pipelines import (
+    MODEL_RENAMES,
+    DiffusionModelConfig,
+    load_base,
+    load_parts,
+    load_trained,
+    save_trained,
+    world_evaluation,
+    world_score,
 )
 from prefalign.core.train import Job, TrainConfig, unwrap
 from prefalign.losses.diffusion import diffusion_sft_loss, sspo_loss
@@ -73,9 +77,10 @@ class BankConfig:
 
 @dataclass
 class RefSampleConfig:
-    sampler: Literal["ddim", "ddpm"] = "ddim"
-    steps: int = 10
-    cache: bool = True  # reuse x_ref per (snapshot, row); results are identical, only faster
+    sampler: Literal["ddim", "ddpm"] = "ddim"  # sampler of the reference samples x_ref
+    steps: int = 10  # its denoising steps
+    # reuse x_ref per (snapshot, row); results are identical, only faster (each row draws its own noise)
+    cache: bool = True
 
 
 @dataclass
@@ -84,10 +89,16 @@ class SSPOSettings:
 
     bank: BankConfig = field(default_factory=BankConfig)
     reference_sample: RefSampleConfig = field(default_factory=RefSampleConfig)
+    # classifier-free guidance of the reference samples (text pipelines; 1 = none; diffusers' SD default 7.5)
+    guidance_scale: float = 1.0
 
     def validate(self):
         if self.bank.size < 1 or self.bank.save_every < 1:
             raise ConfigError("config keys 'sspo.bank.size' and 'sspo.bank.save_every' must be >= 1")
+        if self.guidance_scale < 1:
+            raise ConfigError(
+                f"config key 'sspo.guidance_scale' must be >= 1 (1 = no guidance), got {self.guidance_scale}"
+            )
 
 
 @dataclass
@@ -175,31 +186,28 @@ class ReferenceNet:
 
 
 def reference_samples(
-    net, scheduler, cond, rows, snapshot_id: int, cfg: RefSampleConfig, seed: int, cache: dict | None
-):
-    """x_ref for each row: the snapshot's sample for the row's condition. The start noise is seeded by
-    (seed, snapshot id, row), so with DDIM a sample depends only on them: caching changes speed, not results."""
+    net, scheduler, cond, rows, snapshot_id: int, cfg: RefSampleConfig, seed: int, cache: dict | None,
+    *, shape=None, uncond=None, guidance_scale: float = 1.0, pixel_space: bool = True,
+):  # fmt: skip
+    """x_ref for each row: the snapshot's sample for the row's condition (a tensor or an SDXL dict), with
+    classifier-free guidance against `uncond` when `guidance_scale` > 1. Each row samples with its own
+    generator seeded by (seed, snapshot id, row), for its start noise and DDPM's step noise alike, so a sample
+    depends only on them: caching changes speed, not results. Pixel-space samples are clipped to [-1, 1]
+    (valid images); latents are left as they are."""
     rows = [int(r) for r in rows]
     cache = {} if cache is None else cache
     missing = [i for i, r in enumerate(rows) if (snapshot_id, r) not in cache]
     if missing:
-        shape = image_shape(net)
-        starts = torch.stack(
-            [
-                torch.randn(
-                    shape,
-                    generator=torch.Generator().manual_seed(
-                        (seed * 1_000_003 + snapshot_id) * 10_000_019 + rows[i]
-                    ),
-                )
-                for i in missing
-            ]
-        )
-        index = torch.tensor(missing, device=cond.device if torch.is_tensor(cond) else None)
-        sub_cond = cond[index] if torch.is_tensor(cond) else {k: v[index] for k, v in cond.items()}
+        shape = tuple(shape) if shape is not None else image_shape(net)
+        seeds = [(seed * 1_000_003 + snapshot_id) * 10_000_019 + rows[i] for i in missing]
+        index = torch.tensor(missing)
+        pick = lambda t: t[index.to(t.device)]  # noqa: E731
         generated = sample(
-            net, scheduler, sub_cond, shape, steps=cfg.steps, sampler=cfg.sampler, noise=starts
-        )
+            net, scheduler, map_cond(pick, cond), shape, steps=cfg.steps, sampler=cfg.sampler,
+            generator=row_generators(seeds), guidance_scale=guidance_scale, uncond=map_cond(pick, uncond),
+        )  # fmt: skip
+        if pixel_space:
+            generated = generated.clamp(-1, 1)
         for i, x in zip(missing, generated.cpu()):
             cache[(snapshot_id, rows[i])] = x
     device = next(net.parameters()).device
@@ -237,41 +245,42 @@ class SSPOState:
                 del self.cache[key]
 
 
-def make_step(scheduler, state: SSPOState, cfg: Config):
-    """step_fn for `core.train.fit`: SSPO (checkpoint drawn from the bank, its sample as the loser) or SFT."""
+def make_step(scheduler, state: SSPOState | None, cfg: Config, conditioner: Conditioner | None = None):
+    """step_fn for `core.train.fit`: SSPO (checkpoint drawn from the bank, its sample as the loser) or SFT.
+    Without a `conditioner` the batch already holds the UNet's inputs: `chosen` and `context`."""
     _, _, options = build_loss(cfg.loss, LOSSES)
+    pixel_space = conditioner is None or conditioner.parts.vae is None
 
     def step(model, batch):
-        winners, cond = batch["chosen"], batch["context"]
+        if conditioner is None:
+            winners, cond, train_cond = batch["chosen"], batch["context"], batch["context"]
+        else:
+            winners, cond = conditioner.model_images(batch["chosen"]), conditioner.condition(batch)
+            train_cond = conditioner.drop_captions(cond) if model.training else cond
         timesteps, noise = draw_timesteps_and_noise(scheduler, winners)
         if cfg.loss.name == "sft":
-            model_w = noise_pred_error(model, scheduler, winners, cond, timesteps, noise)
+            model_w = noise_pred_error(model, scheduler, winners, train_cond, timesteps, noise)
             return diffusion_sft_loss(model_w).mean(), {"mse/chosen": model_w.detach().mean()}
-        if state.micro_batches % state.per_update == 0 and state.bank.add_if_due(
-            model, state.micro_batches // state.per_update
-        ):
+        updates = state.micro_batches // state.per_update  # optimizer updates done before this step
+        if state.micro_batches % state.per_update == 0 and state.bank.add_if_due(model, updates):
             state.prune_cache()
         state.micro_batches += 1
         position = state.bank.draw()
         snapshot_id = state.bank.ids[position]
         ckpt = state.reference.load(state.bank, position)
+        guidance = cfg.sspo.guidance_scale
         x_ref = reference_samples(
-            ckpt,
-            scheduler,
-            cond,
-            batch["index"],
-            snapshot_id,
-            cfg.sspo.reference_sample,
-            cfg.train.seed,
-            state.cache,
-        )
-        model_w, model_r = paired_errors(model, scheduler, [winners, x_ref], cond, timesteps, noise)
+            ckpt, scheduler, cond, batch["index"], snapshot_id, cfg.sspo.reference_sample, cfg.train.seed,
+            state.cache, shape=winners.shape[1:], guidance_scale=guidance, pixel_space=pixel_space,
+            uncond=conditioner.unconditional(cond) if guidance > 1 and conditioner is not None else None,
+        )  # fmt: skip
+        model_w, model_r = paired_errors(model, scheduler, [winners, x_ref], train_cond, timesteps, noise)
         with torch.no_grad():
-            ckpt_w, ckpt_r = paired_errors(ckpt, scheduler, [winners, x_ref], cond, timesteps, noise)
+            ckpt_w, ckpt_r = paired_errors(ckpt, scheduler, [winners, x_ref], train_cond, timesteps, noise)
         losses, sign, inside = sspo_loss(model_w, model_r, ckpt_w, ckpt_r, **options)
         return losses.mean(), {
             "sspo/flip_rate": (sign < 0).float().mean(),
-            "sspo/snapshot_age": float(state.micro_batches // state.per_update - snapshot_id),
+            "sspo/snapshot_age": float(updates - snapshot_id),
             "sspo/bank_size": float(len(state.bank.ids)),
             "rewards/margins": inside.mean(),
             "rewards/accuracies": (inside > 0).float().mean(),
@@ -283,11 +292,19 @@ def make_step(scheduler, state: SSPOState, cfg: Config):
 
 
 def setup(cfg: Config, ctx, **_) -> Job:
-    unet, scheduler = load_base(cfg.model, cfg.train.seed)
-    data = load_image_pairs(cfg.data, unet, scheduler, cfg.train.seed, ctx.run_dir, need_rejected=False)
-    data.pop("rejected", None)  # winners only
-    unet.to(ctx.accelerator.device)
-    state = SSPOState(unet, cfg, cfg.train.grad_accum) if cfg.loss.name == "sspo" else None
+    parts = load_base(cfg.model, cfg.train.seed)
+    parts.to(ctx.accelerator.device)
+    conditioner = Conditioner(parts, cfg.data.caption_dropout)
+    if cfg.sspo.guidance_scale > 1 and conditioner.pipe is None:
+        raise ConfigError("config key 'sspo.guidance_scale': guidance needs a text-conditioned pipeline")
+    data = load_image_pairs(cfg.data, parts, cfg.train.seed, ctx.run_dir, need_rejected=False)
+    data.data.pop("rejected", None)  # winners only
+    if cfg.data.caption_dropout > 0 and "caption" not in data.data:
+        raise ConfigError("config key 'data.caption_dropout' needs captions in the data")
+    if cfg.data.latent_cache:
+        data = cache_latents(data, conditioner, cfg.data.cache_dir or Path(ctx.run_dir) / "latent_cache")
+    parts.unet.to(ctx.accelerator.device)
+    state = SSPOState(parts.unet, cfg, cfg.train.grad_accum) if cfg.loss.name == "sspo" else None
 
     def summarize(history) -> dict:
         return {
@@ -297,42 +314,47 @@ def setup(cfg: Config, ctx, **_) -> Job:
         }
 
     return Job(
-        model=unet,
-        dataset=ImageDataset(data),
+        model=parts.unet,
+        dataset=data,
         collate=collate_images,
-        step=make_step(scheduler, state, cfg),
-        evaluate=world_evaluation(cfg, scheduler),
+        step=make_step(parts.scheduler, state, cfg, conditioner),
+        evaluate=world_evaluation(cfg, parts),
         stateful={"sspo": state} if state else None,
-        save=lambda trained, path: save_unet(trained, scheduler, path),
+        save=lambda trained, path: save_trained(trained, parts, cfg.model.lora, path),
         summarize=summarize,
         desc=cfg.loss.name,
     )
 
 
 @torch.no_grad()
-def winner_errors(unet, base, scheduler, data: dict, batch_size: int = 64, seed: int = 0) -> dict:
+def winner_errors(unet, base, scheduler, data, batch_size: int = 64, seed: int = 0, conditioner=None) -> dict:
     """Mean denoising error of `unet` and of `base` on the winners at the same seeded (t, ε): SSPO's data has
     no losers, so this is what can be measured without a world (lower = the winners are more likely)."""
-    dataset, sums = ImageDataset(data), torch.zeros(2)
+    dataset = ImageDataset(data) if isinstance(data, dict) else data
+    sums = torch.zeros(2)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         for start in range(0, len(dataset), batch_size):
             batch = collate_images([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            timesteps, noise = draw_timesteps_and_noise(scheduler, batch["chosen"])
+            if conditioner is None:
+                winners, cond = batch["chosen"], batch["context"]
+            else:
+                winners, cond = conditioner.model_images(batch["chosen"]), conditioner.condition(batch)
+            timesteps, noise = draw_timesteps_and_noise(scheduler, winners)
             for k, net in enumerate((unet, base)):
-                sums[k] += noise_pred_error(
-                    net, scheduler, batch["chosen"], batch["context"], timesteps, noise
-                ).sum()
+                sums[k] += noise_pred_error(net, scheduler, winners, cond, timesteps, noise).sum()
     return {"mse/chosen": float(sums[0]) / len(dataset), "mse/chosen_base": float(sums[1]) / len(dataset)}
 
 
 def evaluate_run(run_dir: Path, cfg: Config) -> dict:
     """`prefalign eval RUN_DIR`: denoising error of `final/` and of the base on the winners (`data.eval`, else
     the training winners, reported as `train_pairs/...`), and the world's ground truth on a world base."""
-    unet, scheduler = load_final(run_dir)
-    base, _ = load_unet(cfg.model.name_or_path)
-    name, data = evaluation_pairs(cfg.data, run_dir, need_rejected=False)
-    out = {f"{name}/{k}": v for k, v in winner_errors(unet, base.eval(), scheduler, data).items()}
-    if sources.is_source(cfg.model.name_or_path):
-        out.update(evaluate_final(run_dir, cfg))
+    base = load_parts(cfg.model)
+    trained = load_trained(run_dir, cfg.model, base)
+    name, data = evaluation_pairs(cfg.data, run_dir, trained, need_rejected=False)
+    errors = winner_errors(
+        trained.unet, base.unet.eval(), trained.scheduler, data, conditioner=Conditioner(trained)
+    )
+    out = {f"{name}/{k}": v for k, v in errors.items()}
+    out.update(world_score(trained, cfg))
     return out

@@ -78,7 +78,9 @@ def train_digits_ddpm(cfg: DigitsDDPMConfig, progress: bool = True) -> tuple[UNe
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     lr_at = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.steps)
     unet.train()
-    bar = tqdm(range(cfg.steps), desc="digits DDPM", disable=not progress, leave=False)
+    bar = tqdm(
+        range(cfg.steps), desc="digits DDPM", disable=None if progress else True, leave=False
+    )  # None: no bar off a terminal
     for _ in bar:
         idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=generator)
         x0, labels = x_all[idx], y_all[idx]
@@ -118,7 +120,7 @@ def load_digits_ddpm(quick: bool = False, cfg: DigitsDDPMConfig | None = None, p
 def sample_digits(
     unet, scheduler, labels: torch.Tensor, steps: int = 20, sampler: str = "ddim", seed: int = 0
 ):
-    """Class-conditional digits in pixel space [0, 1], shape [N, 1, 8, 8]."""
+    """Class-conditional digits in pixel space [0, 1], shape [N, 1, 8, 8] (the sampler's output clipped)."""
     generator = torch.Generator().manual_seed(seed)
     x = sample(unet, scheduler, labels, (1, 8, 8), steps=steps, sampler=sampler, generator=generator)
     return to_pixel_space(x)
@@ -154,12 +156,12 @@ def evaluator(samples_per_class: int = 50, steps: int = 20, seed: int = 1234, wo
     return evaluate
 
 
-def _evaluate_source(unet, scheduler, samples_per_class: int = 50, **_) -> dict:
-    return evaluator(samples_per_class)(unet, scheduler)
+def _evaluate_source(parts, samples_per_class: int = 50, **_) -> dict:
+    return evaluator(samples_per_class)(parts.unet, parts.scheduler)
 
 
-def _judge_pairs(unet, scheduler, n_pairs: int = 1000, sample_steps: int = 20, seed: int = 0) -> dict:
-    arrays = judge_labelled_pairs(unet, scheduler, n_pairs, 0, sample_steps, seed=seed)
+def _judge_pairs(parts, n_pairs: int = 1000, sample_steps: int = 20, seed: int = 0) -> dict:
+    arrays = judge_labelled_pairs(parts.unet, parts.scheduler, n_pairs, 0, sample_steps, seed=seed)
     return {k: arrays[k] for k in ("chosen", "rejected", "context")}
 
 

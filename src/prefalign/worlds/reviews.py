@@ -27,10 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from prefalign.core import sources
+from prefalign.core import console, sources
 from prefalign.core.data import PreferenceRecord
 from prefalign.core.logprobs import collate, encode_records, generate_responses, sequence_logps
 from prefalign.worlds import reviews_grammar as grammar
@@ -125,24 +124,28 @@ def train_reference(cfg: ReferenceConfig, seed: int = 0, progress: bool = True):
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     model.train()
-    bar = tqdm(range(cfg.sft_steps), desc="reviews: SFT reference", disable=not progress)
+    bar = console.progress(range(cfg.sft_steps), desc="reviews: SFT reference", disable=not progress)
     # One thread: the float sums then do not depend on the machine's core count, so every machine trains
     # (and caches) the same reference and the demos' numbers reproduce; the model is too small to gain more.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    # The model trains with GPT-2's dropout, drawn from torch's global RNG: seeded here (the caller's RNG state
+    # is restored after), or the weights depend on whatever the process drew before (issue 11, fault 15b).
     try:
-        for _ in bar:
-            batch_prompts = [prompts[i] for i in rng.integers(len(prompts), size=cfg.batch_size)]
-            batch = sft_batch(
-                tokenizer, batch_prompts, [grammar.sample_review(rng, p) for p in batch_prompts]
-            )
-            loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for _ in bar:
+                batch_prompts = [prompts[i] for i in rng.integers(len(prompts), size=cfg.batch_size)]
+                batch = sft_batch(
+                    tokenizer, batch_prompts, [grammar.sample_review(rng, p) for p in batch_prompts]
+                )
+                loss = model(**batch).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
     finally:
         torch.set_num_threads(threads)
     return model.eval(), tokenizer
@@ -150,8 +153,9 @@ def train_reference(cfg: ReferenceConfig, seed: int = 0, progress: bool = True):
 
 def reference_key(cfg: ReferenceConfig, seed: int) -> str:
     blob = json.dumps(
-        # "sft": bump when train_reference changes (v2: single-threaded, reproducible across machines)
-        {"config": asdict(cfg), "seed": seed, "grammar": grammar.grammar_hash(), "sft": "v2"},
+        # "sft": bump when train_reference changes (v2: single-threaded, reproducible across machines; v3:
+        # dropout drawn from a generator seeded by `seed`, reproducible within and across processes)
+        {"config": asdict(cfg), "seed": seed, "grammar": grammar.grammar_hash(), "sft": "v3"},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -166,6 +170,12 @@ def load_reference(seed: int = 0, quick: bool = False, cfg: ReferenceConfig | No
     cfg = cfg or (QUICK_REFERENCE if quick else ReferenceConfig())
     path = sources.cache_root() / "reviews" / reference_key(cfg, seed)
     if not path.is_dir():
+        name = "world:reviews" + ("-quick" if cfg == QUICK_REFERENCE else "")
+        seconds = round(cfg.sft_steps * 0.12)  # measured: 700 steps in ~85 s on one CPU thread
+        console.say(
+            f"{name}: first use on this machine: training its reference policy ({cfg.sft_steps} SFT steps, "
+            f"about {seconds} s on a CPU), cached in {path}"
+        )
         model, tokenizer = train_reference(cfg, seed, progress)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
@@ -437,14 +447,43 @@ class ReviewsWorld:
         return evaluate_policy(policy, reference, tokenizer, prompts, **{"seed": self.seed, **kwargs})
 
 
-def evaluate_against_reference(policy, reference, n_samples_per_prompt: int = 32, seed: int = 0) -> dict:
+MEASURES = (
+    "true_reward: mean ground-truth reward (in [-1, 1]) of policy samples on the {n} held-out prompts, "
+    "{k} samples each at temperature 1",
+    "win_rate: P(a policy sample's reward > a reference sample's on the same prompt) + P(tie) / 2; "
+    "0.5 = no better than the reference",
+    "kl: KL(policy || reference) in nats per response, estimated on the policy's samples",
+)
+
+
+def evaluate_against_reference(
+    policy, reference, n_samples_per_prompt: int = 32, seed: int = 0, annotator_types: dict | None = None
+) -> dict:
     """The world's ground truth for `prefalign eval`: every type's true reward and win rate against the
-    reference on the held-out prompts, and KL(π‖π_ref)."""
-    m = ReviewsWorld(seed=seed).evaluate(policy, reference, n_samples_per_prompt=n_samples_per_prompt)
+    reference on the held-out prompts, and KL(π‖π_ref). With `annotator_types` ({type: share}, the
+    population that labelled the run's data) also `true_reward`, `reference_true_reward` and `win_rate`
+    for that population (share-weighted means over its types)."""
+    world = ReviewsWorld(seed=seed)
+    m = world.evaluate(policy, reference, n_samples_per_prompt=n_samples_per_prompt)
     out = {f"true_reward/{t}": v for t, v in m["true_reward"].items()}
     out.update({f"reference_true_reward/{t}": v for t, v in m["reference_true_reward"].items()})
     out.update({f"win_rate/{t}": v for t, v in m["win_rate_by_type"].items()})
     out["kl"] = m["kl"]
+    notes = [line.format(n=len(world.eval_prompts), k=n_samples_per_prompt) for line in MEASURES]
+    if annotator_types:
+        shares = _population(annotator_types)
+        out["annotator_types"] = ", ".join(f"{t} {p:g}" for t, p in shares.items())
+        for key, by_type in (("true_reward", m["true_reward"]), ("reference_true_reward", m["reference_true_reward"]),
+                             ("win_rate", m["win_rate_by_type"])):  # fmt: skip
+            out[key] = sum(p * by_type[t] for t, p in shares.items())
+        notes.insert(
+            0, f"annotators of the data: {out['annotator_types']}; true_reward and win_rate are theirs"
+        )
+    else:
+        notes.insert(
+            0, "annotator type of the data unknown: true_reward/<type> and win_rate/<type> for every type"
+        )
+    out["notes"] = notes
     return out
 
 

@@ -51,9 +51,16 @@ from transformers import AutoTokenizer
 from prefalign.core.checkpoint import trainable_state
 from prefalign.core.config import build, build_loss, load_yaml
 from prefalign.core.data import DataConfig, load_records
+from prefalign.core.encode import apply_chat_template, encode_data, fit_lengths
 from prefalign.core.errors import ConfigError
-from prefalign.core.logprobs import encode_records
-from prefalign.core.models import LoraSettings, ModelConfig, load_base_model, load_tokenizer, pad_token_id
+from prefalign.core.models import (
+    LoraSettings,
+    ModelConfig,
+    disable_dropout,
+    load_base_model,
+    load_tokenizer,
+    pad_token_id,
+)
 from prefalign.core.reference import precompute_reference_logps
 from prefalign.core.train import FitResult, Job, TrainConfig, fit
 from prefalign.losses.lm import plackett_luce_loss
@@ -93,17 +100,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EMConfig:
-    n_types: int = 2
-    max_iterations: int = 4
+    n_types: int = 2  # K latent annotator types (one policy each)
+    max_iterations: int = 4  # at most this many EM iterations (E-step + M-step); see tolerance
     tolerance: float | None = 1e-3  # plateau: stop once an iteration gains < this per annotator; None: never
     restarts: int = 1  # EM runs from starts seeded seed, seed + 1, ...: the highest final log-likelihood wins
     folds: int = 1  # >= 2: cross-fitting by annotator folds (held-out E-step; see the module docstring)
     in_sample_loglik: bool = False  # with folds: also log the log-likelihood under policies trained on each
-    m_step: Literal["stochastic", "weighted"] = "stochastic"
-    init: Literal["kmeans", "whitened", "dirichlet", "labels"] = "kmeans"
+    m_step: Literal["stochastic", "weighted"] = "stochastic"  # records drawn by γ, or every record γ-weighted
+    init: Literal["kmeans", "whitened", "dirichlet", "labels"] = "kmeans"  # how the first γ is chosen
     init_labels: str | None = None  # JSON {annotator: type index} for init: labels
     init_smoothing: float = 0.1  # kmeans/labels start from γ = (1 − s)·one-hot + s/K
-    dirichlet_alpha: float = 1.0
+    dirichlet_alpha: float = 1.0  # init dirichlet: concentration of the random γ
     adapter: Literal["lora", "full"] = (
         "lora"  # per-type policy: a LoRA adapter, or a full copy (small models)
     )
@@ -139,7 +146,7 @@ RENAMES = {
 class LossConfig:
     """`loss:` of the M-step: γ-weighted listwise DPO (Plackett–Luce), which is DPO on pairs."""
 
-    name: str = "plackett_luce"
+    name: str = "plackett_luce"  # the only loss: plackett_luce
     beta: float = 0.1  # β of every type's implicit reward r_k = β·log(π_k / π_ref)
 
     def validate(self):
@@ -296,10 +303,12 @@ def run_em(cfg: Config, records, base_model, tokenizer, *, true_types=None, init
         raise ConfigError(
             f"config key 'em.folds' = {em.folds} exceeds the number of annotators ({len(names)})"
         )
+    apply_chat_template(tokenizer, cfg.data)
+    encoded = encode_data(tokenizer, records, cfg.data, "data.train", fit_lengths(cfg.data, base_model))
+    if len(encoded) < len(records):  # records identical after truncation dropped (data.on_bad_row: skip)
+        records = [records[i] for i in encoded.kept]
+        names, index = annotator_index(records)
     pad = pad_token_id(tokenizer)
-    encoded = encode_records(
-        tokenizer, records, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length
-    )
     finals = [f"type{k}" for k in range(K)]
     groups = [finals] if em.folds == 1 else [[f"fold{f}_type{k}" for k in range(K)] for f in range(em.folds)]
     model, _ = type_policies(base_model, em, cfg.model.lora, cfg.train.seed,
@@ -411,6 +420,8 @@ def setup(
         records, _ = load_records(dataclasses.replace(cfg.data, eval_fraction=0.0), cfg.train.seed)
     if model is None:
         model, tokenizer = load_base_model(cfg.model), load_tokenizer(cfg.model)
+    elif not cfg.model.dropout:
+        disable_dropout(model)
     if true_types is None and cfg.em.true_types:
         true_types = json.loads(Path(cfg.em.true_types).read_text())
     annotator_index(records)  # every record needs an annotator: fail before any model work

@@ -1,0 +1,58 @@
+"""User errors that were tracebacks (issue 11, fault 17): each is one `error:` line and exit code 2 from the
+CLI, naming the key, file or step, and leaves no run directory behind when nothing was trained."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from inputs_tiny import byte_bpe, dpo_config, gpt2, save, write_config, write_jsonl
+from prefalign.cli import app
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model_and_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("errors")
+    tok = byte_bpe()
+    save(gpt2(tok), tok, root / "model")
+    bad = gpt2(tok)
+    with torch.no_grad():
+        bad.lm_head.weight[3, 0] = float("nan")  # every log-prob NaN: a non-finite loss at step 1
+    save(bad, tok, root / "nan-model")
+    rows = [{"prompt": f"Q{i}: is water wet?", "chosen": " yes it is.", "rejected": " no."} for i in range(4)]
+    return root, write_jsonl(root / "pairs.jsonl", rows)
+
+
+def one_error_line(result, *needles):
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert all(n in errors[0] for n in needles), errors[0]
+    return errors[0]
+
+
+def test_non_finite_loss_is_one_line(tmp_path, model_and_data):
+    root, data = model_and_data
+    cfg = dpo_config(root / "nan-model", data, tmp_path / "run", **{"data.packing": False})
+    result = CliRunner().invoke(app, ["train", str(write_config(tmp_path / "c.yaml", cfg))])
+    one_error_line(result, "non-finite loss at step 1")
+
+
+def test_enabling_lora_on_a_full_fine_tuning_run_dir_is_refused_by_key(tmp_path, model_and_data):
+    root, data = model_and_data
+    path = write_config(tmp_path / "c.yaml", dpo_config(root / "model", data, tmp_path / "run"))
+    assert CliRunner().invoke(app, ["train", str(path)]).exit_code == 0
+    result = CliRunner().invoke(app, ["train", str(path), "--set", "model.lora.enabled=true"])
+    one_error_line(result, "model.lora.enabled", "train.resume: false")
+
+
+def test_a_data_folder_that_is_not_a_saved_dataset_is_one_line(tmp_path, model_and_data):
+    root, _ = model_and_data
+    folder = tmp_path / "data-folder"
+    folder.mkdir()
+    (folder / "pairs.jsonl").write_text("{}\n")
+    cfg = dpo_config(root / "model", folder, tmp_path / "run")
+    result = CliRunner().invoke(app, ["train", str(write_config(tmp_path / "c.yaml", cfg))])
+    one_error_line(result, str(folder), "save_to_disk")
+    assert not (tmp_path / "run").exists()
