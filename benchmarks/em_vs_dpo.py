@@ -20,12 +20,12 @@ import time
 import numpy as np
 import torch
 
-from prefalign.methods.em_dpo import em as em_dpo
-from prefalign.methods.dpo import LossConfig, PreferenceLoss, make_step
 from prefalign.core.logprobs import collate, encode_records
 from prefalign.core.models import LoraSettings
 from prefalign.core.reference import precompute_reference_logps
 from prefalign.core.train import TrainConfig, fit, make_accelerator
+from prefalign.methods.dpo import LossConfig, PreferenceLoss, make_step
+from prefalign.methods.em_dpo import em as em_dpo
 from prefalign.worlds.reviews import ReviewsWorld
 
 

@@ -1,5 +1,7 @@
 """Min-max-regret aggregation: regret matrix, game solvers (OMW vs exact LP), MixturePolicy."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -21,13 +23,54 @@ torch.set_num_threads(1)
 
 
 def test_regret_matrix_by_hand():
-    """R[i, j] = c_i (L[i, i] − L[i, j]): L = [[3, 1], [0, 2]], c = (1, 2) -> R = [[0, 2], [4, 0]]."""
+    """R[i, j] = c_i (max_j' L[i, j'] − L[i, j]): L = [[3, 1], [0, 2]], c = (1, 2) -> R = [[0, 2], [4, 0]].
+    Types and policies need not be as many: L = [[3, 1, 2], [0, 2, 1]] (2 types, 3 policies) -> best (3, 2),
+    R = [[0, 2, 1], [2, 0, 1]]."""
     R = regret_matrix([[3.0, 1.0], [0.0, 2.0]], type_weights=[1.0, 2.0])
     assert np.allclose(R, [[0, 2], [4, 0]])
-    with pytest.raises(ValueError, match="square"):
-        regret_matrix(np.zeros((2, 3)))
+    assert np.allclose(regret_matrix([[3.0, 1.0, 2.0], [0.0, 2.0, 1.0]]), [[0, 2, 1], [2, 0, 1]])
+    with pytest.raises(ValueError, match="2-D"):
+        regret_matrix(np.zeros(3))
     with pytest.raises(ValueError, match="type_weights"):
         regret_matrix(np.zeros((2, 2)), type_weights=[1.0, -1.0])
+
+
+def test_regret_is_against_the_best_available_policy_not_the_diagonal():
+    """EM's policies come in no particular order. L = [[0, 2], [2, 0]] (type 0's best policy sits in column 1):
+    the old diagonal rule gave R = [[0, −2], [−2, 0]] and a "max regret" of −2 at w = (½, ½); the best
+    available rule gives R = [[2, 0], [0, 2]], whose game value is 1 at w = (½, ½). With an explicit matching
+    (type 0 -> policy 1, type 1 -> policy 0) the same R; a wrong matching is a negative regret: an error."""
+    L = [[0.0, 2.0], [2.0, 0.0]]
+    assert np.allclose(regret_matrix(L), [[2, 0], [0, 2]])
+    assert np.allclose(regret_matrix(L, matching=[1, 0]), [[2, 0], [0, 2]])
+    with pytest.raises(ValueError, match="negative regret"):
+        regret_matrix(L, matching=[0, 1])
+    with pytest.raises(ValueError, match="matching"):
+        regret_matrix(L, matching=[0, 2])
+    out = min_max_regret(L)
+    assert out["max_regret"] == pytest.approx(1.0, abs=1e-3) and min(out["regrets"]) >= 0
+
+
+def test_weights_and_max_regret_do_not_depend_on_the_order_of_policies():
+    """Three type policies in all 6 column orders (the order EM happens to produce): the weights, mapped back to
+    the policies, and the max regret are the same in every order (optimistic Hedge is symmetric in the columns
+    and the LP value is a property of the game), and no regret is negative. A non-degenerate L: its LP optimum
+    is unique, so the LP weights agree too."""
+    rng = np.random.default_rng(4)
+    L = rng.normal(size=(3, 3)) + 2 * np.eye(3)
+    reference = min_max_regret(L)
+    ref_w = np.asarray(reference["weights"])
+    for perm in itertools.permutations(range(3)):
+        out = min_max_regret(L[:, list(perm)])
+        back = np.empty(3)
+        back[list(perm)] = out["weights"]
+        assert np.allclose(back, ref_w, atol=1e-9), perm
+        assert out["max_regret"] == pytest.approx(reference["max_regret"], abs=1e-9)
+        assert out["lp_max_regret"] == pytest.approx(reference["lp_max_regret"], abs=1e-9)
+        lp_back = np.empty(3)
+        lp_back[list(perm)] = out["lp_weights"]
+        assert np.allclose(lp_back, reference["lp_weights"], atol=1e-7)
+        assert min(out["regrets"]) >= 0 and np.min(out["regret_matrix"]) >= 0
 
 
 def test_opposite_types_split_evenly_and_weights_shift_it():

@@ -172,13 +172,19 @@ def test_pairs_of_a_top_m_ranking_by_hand():
 
 
 def test_unique_records_map_back():
+    """Distinct records up to the order the candidates were shown in: 2 contexts x 3 unordered pairs x 2
+    rankings at most; every record's likelihood under any reward table is its distinct record's."""
     world = make_world(n_contexts=2, n_candidates=3, type_weights=[[1.0]], seed=0)
-    prefs = sample_preferences(world, 200, n_shown=2, seed=0)
-    distinct, inverse = prefs.unique()
-    assert len(distinct) <= 2 * 6 * 2  # contexts x ordered candidate pairs x rankings
-    table = torch.arange(6, dtype=torch.float64).reshape(2, 3)
-    assert torch.equal(distinct.gather(table)[inverse], prefs.gather(table))
-    assert torch.equal(distinct.ranking[inverse], prefs.ranking)
+    for n_shown, n_ranked, most in ((2, 2, 2 * 3 * 2), (3, 1, 2 * 3), (3, 3, 2 * 6)):
+        prefs = sample_preferences(world, 300, n_shown=n_shown, n_ranked=n_ranked, seed=0)
+        distinct, inverse = prefs.unique()
+        assert len(distinct) <= most
+        table = torch.randn(2, 3, dtype=torch.float64)
+        want = ranking_log_likelihood(prefs.gather(table), prefs.ranking)
+        got = ranking_log_likelihood(distinct.gather(table), distinct.ranking)[inverse]
+        assert torch.allclose(got, want, atol=1e-12)
+        winners = torch.gather(prefs.items, 1, prefs.ranking[:, :1])
+        assert torch.equal(torch.gather(distinct.items, 1, distinct.ranking[:, :1])[inverse], winners)
 
 
 def test_every_pair_is_exhaustive_and_noise_free():
@@ -188,3 +194,28 @@ def test_every_pair_is_exhaustive_and_noise_free():
     context, chosen, rejected, _ = prefs.pairs()
     r = world.rewards()[1]
     assert (r[context, chosen] >= r[context, rejected]).all()
+
+
+def test_dpo_on_every_pair_trains_a_tabular_policy_towards_the_reward():
+    """The world's intended use by pairwise losses: DPO (losses.lm.dpo_loss) on the exhaustive deterministic
+    pairs of one type, Adam on the tabular logits. The exact expected reward rises from the reference's, the
+    exact KL leaves 0, and the learned policy ranks every context's best candidate first."""
+    from prefalign.losses.lm import dpo_loss
+
+    world = make_world(n_contexts=6, n_candidates=4, type_weights=[[1.0, -0.5]], seed=2)
+    ctx, chosen, rejected, _ = every_pair(world).pairs()
+    ref, rho, r = world.reference_logps(), world.context_probs, world.rewards()[0]
+    policy = TabularPolicy.from_reference(world)
+    opt = torch.optim.Adam(policy.parameters(), lr=0.05)
+    for _ in range(300):
+        logp = policy.log_probs()
+        losses, _, _ = dpo_loss(
+            logp[ctx, chosen], logp[ctx, rejected], ref[ctx, chosen], ref[ctx, rejected], 0.5
+        )
+        opt.zero_grad()
+        losses.mean().backward()
+        opt.step()
+    logp = policy.log_probs().detach()
+    assert float(expected_reward(logp, r, rho)) > float(expected_reward(ref, r, rho)) + 0.3
+    assert float(kl(logp, ref, rho)) > 0.1
+    assert torch.equal(logp.argmax(-1), r.argmax(-1))

@@ -1,14 +1,11 @@
 """EM-DPO: E-step math, exact-EM monotonicity, initialization, M-step wiring, bad input, end to end."""
 
-import json
 import math
-import os
 
 import numpy as np
 import pytest
 import torch
 
-from prefalign import runner
 from prefalign.core.data import PreferenceRecord
 from prefalign.core.encode import encode_records
 from prefalign.core.errors import ConfigError, DataError
@@ -291,68 +288,6 @@ def test_e_step_scores_only_the_held_out_half(tiny):
     assert (full[1] != 0).all()
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="round 3, em.adapter full + holdout, T=0.25 (oracle ARI 1.0), 48 annotators: from true labels ARI "
-    "0.92 and type policies' true reward +0.43/-0.39, but from a 25%-wrong start ARI 0.33-0.49 after 3-6 "
-    "iterations (seeds 0/1) and held-out reward corr 0.10-0.36: not reliably > 0.5, see docs/em_dpo.md",
-)
-def test_em_recovers_two_opposite_types_end_to_end(tmp_path):
-    """Reviews world (quick reference): enthusiast vs critic annotators, 8 ternary rankings each. EM-DPO from
-    noisy labels (25% wrong) must group the annotators by type (ARI) and give the two adapters implicit rewards
-    that order held-out reviews like the two opposite true rewards; the run directory holds the adapters and
-    γ/η tables, and `load_run` rebuilds the same model."""
-    from prefalign.core.logprobs import generate_responses
-    from prefalign.methods.em_dpo.aggregate import implicit_rewards
-    from prefalign.worlds.reviews import ReviewsWorld, true_reward
-
-    quick = bool(os.environ.get("PREFALIGN_QUICK"))
-    world = ReviewsWorld(seed=0, quick=True)
-    base, tokenizer = world.reference()
-    n_annotators = 24 if quick else 48
-    records, truth = world.preference_data(
-        world.train_prompts * 8,
-        {"enthusiast": 0.5, "critic": 0.5},
-        n_responses=3,
-        records_per_annotator=8,
-        n_annotators=n_annotators,
-        temperature=0.25,  # the oracle ceiling (docs/em_dpo.md): ARI ~1.0 at 8 ternary records; 0.68 at T=1
-    )
-    # a noisy start (every 4th annotator mislabeled): from an uninformed start both adapters see a 50/50 mix
-    # of opposite preferences and stay at the symmetric fixed point (the pitfall in the paper notes)
-    names = list(truth)
-    noisy = {u: (int(truth[u] == "critic") + (i % 4 == 0)) % 2 for i, u in enumerate(names)}
-    start_ari = em_dpo.adjusted_rand(truth, names, np.eye(2)[[noisy[u] for u in names]])
-    cfg = em_dpo.Config(
-        em=em_dpo.EMConfig(
-            n_types=2, max_iterations=4, init="labels", init_labels="-", adapter="full", holdout=True
-        ),
-        loss=em_dpo.LossConfig(beta=0.1),
-        train=TrainConfig(
-            output_dir=str(tmp_path / "run"), epochs=3.0, batch_size=16, learning_rate=3e-3, progress=False
-        ),
-    )
-    cfg.data.max_length, cfg.data.max_prompt_length = 64, 16
-    cfg.model.name_or_path = "world:reviews-quick"  # what load_run rebuilds the reference from
-    run_dir = runner.run(
-        cfg, records=records, model=base, tokenizer=tokenizer, true_types=truth, init_labels=noisy
-    ).run_dir
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == cfg.em.max_iterations and lines[-1]["em/ari"] > max(0.5, start_ari + 0.2)
-    assert (run_dir / "final" / "gamma.csv").read_text().count("\n") == len(truth) + 1
-    assert sorted(json.loads((run_dir / "final" / "eta.json").read_text())) == ["type0", "type1"]
-    _, model, tok, adapters = em_dpo.load_run(run_dir)
-    with model.disable_adapter():
-        samples = generate_responses(model, tok, world.eval_prompts, n_per_prompt=8, seed=5)
-    rewards = (
-        implicit_rewards(model, tok, world.eval_prompts, samples, adapters, beta=0.1).reshape(2, -1).numpy()
-    )
-    true = true_reward("enthusiast", [y for ys in samples for y in ys])
-    corr = [np.corrcoef(rewards[k], true)[0, 1] for k in range(2)]
-    assert min(abs(c) for c in corr) > 0.3 and np.sign(corr[0]) != np.sign(corr[1])
-
-
 def test_full_copies_train_every_type_keep_the_reference_and_round_trip(tmp_path):
     """em.adapter: full keeps one full copy per type: after one iteration every copy has moved, the reference
     (disable_adapter) is still exactly the base, and save_result/load_adapters rebuild the same type policies."""
@@ -438,3 +373,197 @@ def test_em_from_an_uninformed_start_recovers_opposite_types_at_scale():
     )
     low, high = sorted(np.asarray(policy_reward[0], dtype=float))
     assert high > 0.3 and low < -0.2
+
+
+# ---------------------------------------------------------------- cross-fitting, restarts, plateau
+
+
+def test_cross_fit_items_by_hand():
+    """F = 2, K = 2: a record of a fold-0 annotator with type weights (0.3, 0.7) trains only fold 1's policies:
+    weights (0, 0, 0.3, 0.7); a fold-1 record (1, 0) -> (1, 0, 0, 0)."""
+    items = [("r0", np.array([0.3, 0.7])), ("r1", np.array([1.0, 0.0]))]
+    out = em_dpo.cross_fit_items(items, torch.tensor([0, 1]), 2)
+    assert [r for r, _ in out] == ["r0", "r1"]
+    assert np.allclose(out[0][1], [0, 0, 0.3, 0.7]) and np.allclose(out[1][1], [1, 0, 0, 0])
+
+
+def test_annotator_folds_are_balanced_and_seeded():
+    folds = em_dpo.annotator_folds(11, 3, seed=0)
+    assert sorted(np.bincount(folds.numpy()).tolist()) == [3, 4, 4]
+    assert torch.equal(folds, em_dpo.annotator_folds(11, 3, seed=0))
+    assert not torch.equal(folds, em_dpo.annotator_folds(11, 3, seed=1))
+
+
+def _tiny_run(records, labels=None, tmp=None, **em_kwargs):
+    tokenizer = build_tokenizer()
+    base = build_model(ReferenceConfig(n_layer=1, n_head=2, n_embd=32, n_positions=48), tokenizer, 0)
+    em = {"n_types": 2, "max_iterations": 1, "init": "labels" if labels else "dirichlet", "init_labels": "-",
+          "adapter": "full", "tolerance": None, **em_kwargs}  # fmt: skip
+    cfg = em_dpo.Config(
+        em=em_dpo.EMConfig(**em),
+        train=TrainConfig(
+            output_dir="", max_steps=3, batch_size=4, learning_rate=1e-2, progress=False, max_grad_norm=0.0
+        ),  # fmt: skip
+    )
+    return em_dpo.run_em(cfg, records, base, tokenizer, init_labels=labels, run_dir=tmp)
+
+
+YS = ["the food was great .", "the food was awful .", "the bill was okay ."]
+
+
+def test_cross_fitted_policies_never_see_the_annotators_they_score():
+    """Cross-fitting, 2 folds: fold f's policies train only on the other fold's annotators. Reversing every
+    ranking of fold 0's annotators therefore leaves fold 0's policies bit-identical (gradient clipping off, the
+    only coupling between policies) and changes fold 1's."""
+    records = [
+        _rec("review: the pizza place", YS, [u % 3, (u + 1) % 3, (u + 2) % 3], f"u{u}") for u in range(8)
+    ]
+    labels = {f"u{u}": u % 2 for u in range(8)}
+    fold = em_dpo.annotator_folds(8, 2, seed=0)
+    flipped = [_rec(r.prompt, r.responses, r.ranking[::-1], r.annotator) if fold[u] == 0 else r
+               for u, r in enumerate(records)]  # fmt: skip
+    a = _tiny_run(records, labels, folds=2)
+    b = _tiny_run(flipped, labels, folds=2)
+    assert a.adapters == ["type0", "type1"]
+    for k in range(2):
+        for p, q in zip(
+            a.model.copies[f"fold0_type{k}"].parameters(), b.model.copies[f"fold0_type{k}"].parameters()
+        ):
+            assert torch.equal(p, q)
+    moved = sum(float((p - q).abs().sum()) for p, q in
+                zip(a.model.copies["fold1_type0"].parameters(), b.model.copies["fold1_type0"].parameters()))  # fmt: skip
+    assert moved > 0
+    assert a.history[-1]["em/log_likelihood_kind"] == "held-out"
+
+
+def test_plateau_stops_em_and_holdout_compares_the_same_half():
+    """With a huge tolerance every iteration after the first is a plateau: EM stops after 2 iterations; with
+    em.holdout the log-likelihoods of alternate halves are not comparable, so it compares iterations two apart
+    and stops after 3; tolerance null runs em.max_iterations."""
+    records = [_rec("review: the pizza place", YS, [u % 3, (u + 1) % 3], f"u{u // 2}") for u in range(12)]
+    assert len(_tiny_run(records, max_iterations=5, tolerance=1e9).history) == 2
+    assert _tiny_run(records, max_iterations=5, tolerance=1e9).history[-1]["em/plateau"]
+    assert len(_tiny_run(records, max_iterations=5, tolerance=1e9, holdout=True).history) == 3
+    assert len(_tiny_run(records, max_iterations=3, tolerance=None).history) == 3
+
+
+def test_restarts_keep_the_best_and_resume_without_training(tmp_path):
+    """em.restarts = 3 from Dirichlet starts: the result is the restart with the highest final log-likelihood,
+    its weights are the ones saved for that restart, and a rerun on the finished run directory trains nothing
+    and returns the same."""
+    from safetensors.torch import load_file
+
+    records = [_rec("review: the pizza place", YS, [u % 3, (u + 1) % 3], f"u{u // 2}") for u in range(12)]
+    result = _tiny_run(records, tmp=tmp_path, restarts=3, dirichlet_alpha=0.3)
+    best = int(np.argmax(result.restarts))
+    assert best != 2, "the best restart must not be the last one, or bringing it back is not tested"
+    assert (
+        result.history[-1]["em/log_likelihood"] == max(result.restarts)
+        and result.history[-1]["restart"] == best
+    )
+    root = tmp_path / "em" / (f"restart-{best}" if best else "")
+    saved = load_file(root / "iter-1" / "trainable.safetensors")
+    params = dict(result.model.named_parameters())
+    assert all(torch.equal(params[n], t) for n, t in saved.items())
+    again = _tiny_run(records, tmp=tmp_path, restarts=3, dirichlet_alpha=0.3)
+    assert again.restarts == result.restarts and np.allclose(again.gamma, result.gamma)
+    params_again = dict(again.model.named_parameters())
+    assert all(torch.equal(params_again[n], t) for n, t in saved.items())
+
+
+def test_reset_and_copy_policies():
+    """reset_types puts a trained policy back to the reference (LoRA: B = 0; full copy: the base's weights);
+    copy_type makes one policy compute exactly what another does."""
+    tokenizer = build_tokenizer()
+    ids = tokenizer(["review: the pizza place the food was great ."], return_tensors="pt")
+    for adapter in ("lora", "full"):
+        base = build_model(
+            ReferenceConfig(n_layer=1, n_head=2, n_embd=32, n_positions=48), tokenizer, 0
+        ).eval()
+        with torch.no_grad():
+            want = base(**ids).logits.clone()
+        model, names = em_dpo.type_policies(
+            base, em_dpo.EMConfig(adapter=adapter), LoraSettings(r=2, alpha=4)
+        )
+        model.eval()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad and ("type1" in n or adapter == "lora"):
+                    p.add_(0.5 * torch.randn_like(p))
+
+        def logits(name, model=model):
+            model.set_adapter(name)
+            with torch.no_grad():
+                return model(**ids).logits
+
+        assert not torch.allclose(logits("type1"), want)
+        em_dpo.copy_type(model, "type1", "type0")
+        assert torch.allclose(logits("type0"), logits("type1"), atol=1e-6)
+        em_dpo.reset_types(model, names, seed=3)
+        assert torch.allclose(logits("type0"), want, atol=1e-6) and torch.allclose(
+            logits("type1"), want, atol=1e-6
+        )
+
+
+def test_em_config_errors_are_named():
+    with pytest.raises(ConfigError, match="choose one"):
+        em_dpo.EMConfig(folds=2, holdout=True).validate()
+    with pytest.raises(ConfigError, match="em.restarts"):
+        em_dpo.EMConfig(restarts=0).validate()
+    with pytest.raises(ConfigError, match="em.tolerance"):
+        em_dpo.EMConfig(tolerance=-1.0).validate()
+    with pytest.raises(ConfigError, match=r"em.folds' = 3 exceeds the number of annotators \(2\)"):
+        _tiny_run([_rec("p", ["a", "b"], [0, 1], "u1"), _rec("p", ["a", "b"], [1, 0], "u2")], folds=3)
+
+
+def test_cross_fitted_run_directory_holds_the_final_types_and_reloads(tmp_path):
+    """A cross-fitted EM-DPO run through the runner (reviews world's quick reference, full copies): the run
+    directory holds γ for every annotator, η and adapters for type0/type1 only (the fold policies are
+    scaffolding), metrics.jsonl logs the held-out and in-sample log-likelihoods and the final M-step, and
+    `load_run` rebuilds type policies that compute what the trained ones did."""
+    import json
+
+    from prefalign import runner
+    from prefalign.worlds.reviews import ReviewsWorld
+
+    world = ReviewsWorld(seed=0, quick=True)
+    base, tokenizer = world.reference()
+    records, truth = world.preference_data(
+        world.train_prompts[:24], {"enthusiast": 0.5, "critic": 0.5}, n_responses=3, records_per_annotator=2,
+        temperature=0.25,
+    )  # fmt: skip
+    cfg = em_dpo.Config(
+        em=em_dpo.EMConfig(
+            n_types=2,
+            max_iterations=2,
+            init="dirichlet",
+            adapter="full",
+            folds=2,
+            in_sample_loglik=True,
+            tolerance=None,
+        ),  # fmt: skip
+        train=TrainConfig(
+            output_dir=str(tmp_path / "run"), max_steps=2, batch_size=8, learning_rate=3e-3, progress=False
+        ),  # fmt: skip
+    )
+    cfg.data.max_length, cfg.data.max_prompt_length = 64, 16
+    cfg.model.name_or_path = "world:reviews-quick"  # what load_run rebuilds the reference from
+    res = runner.run(cfg, records=records, model=base, tokenizer=tokenizer, true_types=truth)
+    final = res.run_dir / "final"
+    assert (final / "gamma.csv").read_text().count("\n") == len(truth) + 1
+    assert sorted(json.loads((final / "eta.json").read_text())) == ["type0", "type1"]
+    assert sorted(p.name for p in (final / "adapters").iterdir()) == ["type0", "type1"]
+    lines = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x.get("iteration") for x in lines] == [1, 2, None]  # two iterations, then the final M-step
+    assert all(
+        x["em/log_likelihood_kind"] == "held-out" and "em/log_likelihood_in_sample" in x for x in lines[:2]
+    )
+    assert "em/final_fit_loss" in lines[-1]
+    _, model, tok, adapters = em_dpo.load_run(res.run_dir)
+    ids = tok(["review: the pizza place the food was great ."], return_tensors="pt")
+    trained = res.model.eval()
+    with torch.no_grad():
+        for name in adapters:
+            trained.set_adapter(name)
+            model.set_adapter(name)
+            assert torch.allclose(trained(**ids).logits, model(**ids).logits, atol=1e-5)

@@ -19,6 +19,12 @@
   `Preferences` holds index tensors that the library's losses and EM-DPO's E-step take directly
   (`gather` turns any [X, Y] table, e.g. a policy's log-probs, into the [N, n] values of the shown candidates).
 
+A pairwise loss trains a tabular policy on exact log-probs (what an MPO/DPO frontier needs):
+
+    ctx, chosen, rejected, _ = every_pair(world).pairs()                # deterministic, noise-free
+    logp, ref = policy.log_probs(), world.reference_logps()
+    losses, _, _ = dpo_loss(logp[ctx, chosen], logp[ctx, rejected], ref[ctx, chosen], ref[ctx, rejected], beta)
+
 Everything is float64 torch; a world of 1000 contexts and 16k annotators fits in memory many times over.
 """
 
@@ -198,13 +204,18 @@ class Preferences:
         )
 
     def unique(self) -> tuple[Preferences, torch.Tensor]:
-        """(the distinct (context, items, ranking) records, inverse [N] mapping each record to its distinct
-        one): identical records have identical likelihoods, so EM computes each once and sums weights."""
-        key = torch.cat([self.context[:, None], self.items, self.ranking], 1)
+        """(the distinct records, inverse [N] mapping each record to its distinct one). Two records are the
+        same when they rank the same candidates of the same context the same way, whatever order the
+        candidates were shown in (each record's items are sorted, its ranking re-indexed): identical records
+        have identical likelihoods, so EM computes each once and sums weights."""
+        items, order = self.items.sort(1)
+        place = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))
+        ranking = torch.where(self.ranking >= 0, place.gather(1, self.ranking.clamp(min=0)), -1)
+        key = torch.cat([self.context[:, None], items, ranking], 1)
         distinct, inverse = torch.unique(key, dim=0, return_inverse=True)
         n = self.items.shape[1]
-        first = torch.full((len(distinct),), -1, dtype=torch.long).scatter_reduce(
-            0, inverse, torch.arange(len(key)), reduce="amax", include_self=True
+        first = torch.zeros(len(distinct), dtype=torch.long).scatter_reduce(
+            0, inverse, torch.arange(len(key)), reduce="amax", include_self=False
         )
         return Preferences(distinct[:, 0], distinct[:, 1 : 1 + n], distinct[:, 1 + n :], self.annotator[first],
                            self.types), inverse  # fmt: skip

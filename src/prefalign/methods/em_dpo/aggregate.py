@@ -3,9 +3,16 @@
 Chidambaram et al. (arXiv 2405.15065): given K type policies π_j (one LoRA adapter each, from EM-DPO),
 find mixture weights w over them that minimize the worst type's regret:
 
-    L[i, j]  = E_{x, y ~ π_j}[ r_i(x, y) ]        cross-evaluation: type i's reward of type j's samples
-    R[i, j]  = c_i · (L[i, i] − L[i, j])          regret of type i if served by π_j (c_i: optional weight)
+    L[i, j]  = E_{x, y ~ π_j}[ r_i(x, y) ]        cross-evaluation: type i's reward of policy j's samples
+    R[i, j]  = c_i · (max_j' L[i, j'] − L[i, j])  regret of type i if served by π_j (c_i: optional weight)
     w*       = argmin_{w ∈ Δ} max_i (R w)_i       a zero-sum game: w plays columns, the types play rows
+
+A type's regret is measured against its BEST AVAILABLE policy (the row maximum), never against the policy
+that happens to sit at the same position: EM returns its type policies in no particular order, and even a
+correctly ordered "own" policy need not be a type's best under raw expected reward (a greedier policy can
+score higher). An explicit type-to-policy `matching` is accepted instead; a policy that then beats a type's
+matched policy gives a negative regret, which is an error. Either way the weights and the max regret do not
+depend on the order of the policies (tests/test_aggregate.py checks every permutation).
 
 r_i is type i's DPO implicit reward β·(log π_i − log π_ref) (its per-prompt constant cancels in R), or a
 ground-truth reward when a world knows it. The game is solved by optimistic multiplicative weights
@@ -36,15 +43,43 @@ from prefalign.methods.em_dpo.types import load_adapters
 # ---------------------------------------------------------------- the game
 
 
-def regret_matrix(L, type_weights: Sequence[float] | None = None) -> np.ndarray:
-    """R[i, j] = c_i·(L[i, i] − L[i, j]) for a square cross-evaluation matrix L (rows: rewards, cols: policies)."""
+def regret_matrix(L, type_weights: Sequence[float] | None = None, matching: Sequence[int] | None = None,
+                  tolerance: float = 1e-9) -> np.ndarray:  # fmt: skip
+    """R[i, j] = c_i·(b_i − L[i, j]) for a cross-evaluation matrix L [types, policies] (rows: rewards, columns:
+    policies, any number of each): b_i = max_j L[i, j] (type i's best available policy), or L[i, matching[i]]
+    when a type-to-policy matching is given. A regret below −tolerance·max|L| (a policy better for type i
+    than its matched one) raises ValueError: a regret cannot be negative, the matching is wrong."""
     L = np.asarray(L, dtype=float)
-    if L.ndim != 2 or L.shape[0] != L.shape[1]:
-        raise ValueError(f"the cross-evaluation matrix must be square [types, policies], got shape {L.shape}")
+    if L.ndim != 2 or 0 in L.shape or not np.isfinite(L).all():
+        raise ValueError(
+            f"the cross-evaluation matrix must be a finite 2-D [types, policies] array, got {L.shape}"
+        )
     c = np.ones(len(L)) if type_weights is None else np.asarray(type_weights, dtype=float)
     if c.shape != (len(L),) or (c < 0).any():
         raise ValueError(f"type_weights must be {len(L)} non-negative numbers, got {type_weights}")
-    return c[:, None] * (np.diag(L)[:, None] - L)
+    if matching is None:
+        best = L.max(1)
+    else:
+        m = np.asarray(matching)
+        if (
+            m.shape != (len(L),)
+            or not np.issubdtype(m.dtype, np.integer)
+            or (m < 0).any()
+            or (m >= L.shape[1]).any()
+        ):
+            raise ValueError(
+                f"matching must give each of the {len(L)} types a policy index in [0, {L.shape[1]}), got {matching}"
+            )
+        best = L[np.arange(len(L)), m]
+    R = c[:, None] * (best[:, None] - L)
+    scale = max(np.abs(L).max(), 1e-12)
+    if (R < -tolerance * scale).any():
+        i, j = np.unravel_index(np.argmin(R), R.shape)
+        raise ValueError(
+            f"negative regret {R[i, j]:.6g}: policy {j} serves type {i} better than its matched policy "
+            f"{matching[i]} (a regret is measured against the type's best policy; fix the matching)"
+        )
+    return np.maximum(R, 0.0)
 
 
 def solve_omw(R, iterations: int = 20_000, step_size: float | None = None) -> np.ndarray:
@@ -94,9 +129,12 @@ def solve_lp(R) -> tuple[np.ndarray, float]:
     return w / w.sum(), float(out.x[-1])
 
 
-def min_max_regret(L, type_weights=None, solver: str = "omw", iterations: int = 20_000) -> dict:
-    """Solve MMRA for cross-evaluation matrix L -> weights, each type's regret, the max, and the LP check."""
-    R = regret_matrix(L, type_weights)
+def min_max_regret(
+    L, type_weights=None, solver: str = "omw", iterations: int = 20_000, matching=None
+) -> dict:
+    """Solve MMRA for cross-evaluation matrix L [types, policies] -> weights over the policies, each type's
+    regret (against its best available policy, or `matching`'s), the max, and the exact LP's value."""
+    R = regret_matrix(L, type_weights, matching)
     lp_weights, lp_value = solve_lp(R)
     if solver == "omw":
         weights = solve_omw(R, iterations)

@@ -21,6 +21,16 @@ Reconstructed details (not fixed by the paper; named, switchable options):
   response, summed per annotator, L2-normalized, k-means (≈ clustering on cosine agreement).
   `em.init: whitened` projects the (unnormalized) directions on the top K − 1 generalized eigenvectors of
   (their covariance, their covariance under uniformly random rankings) before k-means.
+- `em.folds` (cross-fitting): annotators are split into F folds and every fold f has its own K policies,
+  trained on the OTHER folds' annotators; the E-step scores fold f's annotators with fold f's policies, so
+  the logged log-likelihood is held out and no policy can memorize the annotators it assigns. After EM, the
+  final policies type0..type{K-1} start from fold 0's and get one M-step on every annotator.
+  `em.in_sample_loglik` also logs the log-likelihood under policies that did train on each annotator: the
+  gap between the two is the memorization.
+- Stopping: EM stops at a log-likelihood plateau (the criterion above gains less than `em.tolerance` per
+  annotator; `em.holdout` compares iterations two apart, which score the same half), or after
+  `em.max_iterations`; `em.restarts` runs EM from that many starts (init seeds seed, seed + 1, ...) and keeps
+  the one with the highest final log-likelihood.
 - M-steps warm-start the adapters from the previous iteration (the research code retrains from SFT).
 """
 
@@ -29,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +46,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from prefalign.core.checkpoint import trainable_state
@@ -45,8 +53,6 @@ from prefalign.core.config import build, build_loss, load_yaml
 from prefalign.core.data import DataConfig, load_records
 from prefalign.core.encode import apply_chat_template, encode_data, fit_lengths
 from prefalign.core.errors import ConfigError
-from prefalign.core.logprobs import collate, sequence_logps
-from prefalign.core.metrics import preference_metrics
 from prefalign.core.models import (
     LoraSettings,
     ModelConfig,
@@ -57,7 +63,7 @@ from prefalign.core.models import (
 )
 from prefalign.core.reference import precompute_reference_logps
 from prefalign.core.train import FitResult, Job, TrainConfig, fit
-from prefalign.losses.lm import plackett_luce_loss, ranking_log_likelihood
+from prefalign.losses.lm import plackett_luce_loss
 from prefalign.methods.em_dpo.init import (  # noqa: F401  (re-exported: part of em_dpo's API)
     annotator_index,
     initial_gamma,
@@ -65,11 +71,27 @@ from prefalign.methods.em_dpo.init import (  # noqa: F401  (re-exported: part of
     record_halves,
     whitened_directions,
 )
+from prefalign.methods.em_dpo.state import EMState
+from prefalign.methods.em_dpo.steps import (  # noqa: F401  (re-exported)
+    adjusted_rand,
+    annotator_folds,
+    cross_fit_items,
+    e_step,
+    gamma_entropy,
+    m_step_items,
+    make_collate,
+    make_step,
+    plateaued,
+    record_logliks,
+    type_rewards,
+)
 from prefalign.methods.em_dpo.types import (  # noqa: F401
     TypeCopies,
     activate,
     add_type_adapters,
+    copy_type,
     load_adapters,
+    reset_types,
     type_policies,
 )
 
@@ -79,7 +101,11 @@ logger = logging.getLogger(__name__)
 @dataclass
 class EMConfig:
     n_types: int = 2  # K latent annotator types (one policy each)
-    max_iterations: int = 4  # EM iterations (E-step + M-step)
+    max_iterations: int = 4  # at most this many EM iterations (E-step + M-step); see tolerance
+    tolerance: float | None = 1e-3  # plateau: stop once an iteration gains < this per annotator; None: never
+    restarts: int = 1  # EM runs from starts seeded seed, seed + 1, ...: the highest final log-likelihood wins
+    folds: int = 1  # >= 2: cross-fitting by annotator folds (held-out E-step; see the module docstring)
+    in_sample_loglik: bool = False  # with folds: also log the log-likelihood under policies trained on each
     m_step: Literal["stochastic", "weighted"] = "stochastic"  # records drawn by γ, or every record γ-weighted
     init: Literal["kmeans", "whitened", "dirichlet", "labels"] = "kmeans"  # how the first γ is chosen
     init_labels: str | None = None  # JSON {annotator: type index} for init: labels
@@ -97,6 +123,13 @@ class EMConfig:
                 f"config keys 'em.n_types' and 'em.max_iterations' must be >= 1, got "
                 f"{self.n_types} and {self.max_iterations}"
             )
+        if self.restarts < 1 or self.folds < 1 or (self.tolerance is not None and not self.tolerance >= 0):
+            raise ConfigError(
+                f"config keys 'em.restarts' and 'em.folds' must be >= 1 and 'em.tolerance' >= 0 (or null), got "
+                f"{self.restarts}, {self.folds} and {self.tolerance}"
+            )
+        if self.folds > 1 and self.holdout:
+            raise ConfigError("config keys 'em.folds' > 1 and 'em.holdout' both hold out data: choose one")
         if self.init == "labels" and not self.init_labels:
             raise ConfigError("config key 'em.init' is 'labels' but 'em.init_labels' names no file")
 
@@ -142,172 +175,120 @@ class EMResult:
     annotators: list[str]
     gamma: np.ndarray  # [U, K]
     eta: np.ndarray  # [K]
-    history: list[dict]
-
-
-# ---------------------------------------------------------------- the E-step (pure tensor math)
-
-
-def e_step(record_loglik, annotator_index, n_annotators: int, eta, record_mask=None):
-    """-> (γ [U, K], new η [K], observed log-likelihood) from per-record log P_k(j) [N, K], in log space.
-
-    record_mask [N] bool keeps only the records scored this iteration (held-out half)."""
-    if record_mask is not None:
-        record_loglik = torch.where(record_mask[:, None], record_loglik, 0.0)
-    per_annotator = torch.zeros(n_annotators, record_loglik.shape[1], dtype=record_loglik.dtype)
-    per_annotator.index_add_(0, annotator_index, record_loglik)
-    joint = torch.as_tensor(eta, dtype=record_loglik.dtype).log() + per_annotator
-    total = joint.logsumexp(-1)
-    gamma = (joint - total[:, None]).exp()
-    return gamma, gamma.mean(0), float(total.sum())
-
-
-def gamma_entropy(gamma) -> float:
-    """Mean over annotators of −Σ_k γ log γ (0: certain assignments, log K: uninformed)."""
-    gamma = torch.as_tensor(gamma)
-    return float(-(gamma * gamma.clamp(min=1e-30).log()).sum(-1).mean())
-
-
-def record_logliks(rewards, ranking, candidate_mask) -> torch.Tensor:
-    """[N, K] Plackett–Luce log-likelihood of each record under each type's rewards [N, n, K]."""
-    return torch.stack(
-        [ranking_log_likelihood(rewards[..., k], ranking, candidate_mask) for k in range(rewards.shape[-1])],
-        -1,
-    )
-
-
-def type_rewards(model, encoded, adapters, beta, pad_token_id, batch_size, record_mask=None) -> torch.Tensor:
-    """[N, n, K] implicit rewards β·(log π_k − log π_ref) of every candidate (reference already in `encoded`).
-
-    record_mask [N] bool: score only these records (the E-step's held-out half; the rest stay 0), which
-    halves the E-step's K no-grad passes under `em.holdout`."""
-    n = max(len(e.response_ids) for e in encoded)
-    keep = list(range(len(encoded))) if record_mask is None else torch.nonzero(record_mask).flatten().tolist()
-    out = torch.zeros(len(encoded), n, len(adapters))
-    if not keep:
-        return out
-    reference = _padded([encoded[i].reference_logps for i in keep], n)
-    for k, name in enumerate(adapters):
-        activate(model, name)
-        copies = [dataclasses.replace(encoded[i], reference_logps=None) for i in keep]
-        logps = precompute_reference_logps(
-            model, copies, batch_size=batch_size, pad_token_id=pad_token_id, desc=f"E-step {name}"
-        )
-        out[keep, :, k] = beta * (_padded(logps, n) - reference)
-    return out
-
-
-def _padded(rows, n) -> torch.Tensor:
-    return torch.tensor([list(r) + [0.0] * (n - len(r)) for r in rows], dtype=torch.float32)
-
-
-# ---------------------------------------------------------------- the M-step
-
-
-def m_step_items(encoded, index, gamma, mode: str, rng, record_mask=None) -> list:
-    """(record, per-type weights [K]) items: γ_u (weighted) or a one-hot draw z_u ~ γ_u (stochastic)."""
-    gamma = np.asarray(gamma, dtype=float)
-    if mode == "stochastic":
-        draws = np.array([rng.choice(len(g), p=g / g.sum()) for g in gamma])
-        gamma = np.eye(gamma.shape[1])[draws]
-    elif mode != "weighted":
-        raise ConfigError(f"config key 'em.m_step' must be 'stochastic' or 'weighted', got {mode!r}")
-    keep = range(len(encoded)) if record_mask is None else torch.nonzero(record_mask).flatten().tolist()
-    return [(encoded[i], gamma[index[i]] * encoded[i].weight) for i in keep]
-
-
-def make_collate(pad_token_id: int):
-    def collate_by_type(items):
-        """One sub-batch per type with a positive weight (a forward per adapter present)."""
-        weights = np.stack([w for _, w in items])
-        groups = []
-        for k in np.flatnonzero(weights.sum(0) > 0):
-            rows = np.flatnonzero(weights[:, k] > 0)
-            group = collate([items[i][0] for i in rows], pad_token_id)
-            group["type_weight"] = torch.tensor(weights[rows, k], dtype=torch.float32)
-            groups.append({"adapter": int(k), "batch": group})
-        return {"groups": groups}
-
-    return collate_by_type
-
-
-def make_step(adapters, beta: float):
-    """step_fn for `core.train.fit`: γ-weighted listwise DPO, summed over the types present in the batch."""
-
-    def step(model, batch):
-        parts = []
-        for group in batch["groups"]:
-            g = group["batch"]
-            activate(model, adapters[group["adapter"]])
-            logps, _ = sequence_logps(model, g)
-            present = g["candidate_index"] >= 0
-            losses, rewards = plackett_luce_loss(logps, g["reference_logps"], g["ranking"], beta, present)
-            parts.append((losses, g["type_weight"], rewards, logps, g["ranking"], present))
-        losses, weight, rewards, logps, ranking, present = (_cat_padded(column) for column in zip(*parts))
-        return preference_metrics(losses, weight, rewards, logps, ranking, present)
-
-    return step
-
-
-def _cat_padded(tensors) -> torch.Tensor:
-    """Concatenate per-type sub-batches along records; [B_k, n_k] parts are padded to the largest n."""
-    if tensors[0].dim() == 1:
-        return torch.cat(tensors)
-    n = max(t.shape[1] for t in tensors)
-    fill = {torch.bool: False, torch.long: -1}.get(tensors[0].dtype, 0.0)
-    return torch.cat([torch.nn.functional.pad(t, (0, n - t.shape[1]), value=fill) for t in tensors])
+    history: list[dict]  # per iteration, of the restart kept
+    restarts: list[float] = field(default_factory=list)  # final log-likelihood of every restart
 
 
 # ---------------------------------------------------------------- the EM loop
 
 
-def adjusted_rand(true_types: dict, names, gamma) -> float | None:
-    from sklearn.metrics import adjusted_rand_score  # scikit-learn: only for this diagnostic
+@dataclass
+class _Data:
+    """What every iteration of every restart reads: encoded records (with reference log-probs), annotators."""
 
-    known = [i for i, u in enumerate(names) if u in true_types]
-    if not known:
-        return None
-    return float(adjusted_rand_score([str(true_types[names[i]]) for i in known], np.argmax(gamma[known], 1)))
+    encoded: list
+    index: torch.Tensor  # [N] annotator of each record
+    names: list[str]
+    ranking: torch.Tensor
+    present: torch.Tensor
+    halves: torch.Tensor  # em.holdout's record halves
+    record_fold: torch.Tensor | None  # em.folds: the fold of each record's annotator
 
 
-class EMState:
-    """What an EM-DPO run keeps between iterations, saved atomically after each one to RUN/em/iter-N/
-    (every type's trainable weights, γ, η, the log), so a killed run resumes at the last finished iteration;
-    an iteration's M-step checkpoints itself like any `fit` (RUN/m_steps/iter-N/)."""
+def _e_step(cfg, model, groups, data: _Data, eta, pad, score, shift: int = 0):
+    """(γ, η, log-likelihood): fold g's records scored by fold (g + shift)'s policies (shift 0: held out)."""
+    F = len(groups)
+    if data.record_fold is None:
+        rewards = type_rewards(
+            model, data.encoded, groups[0], cfg.loss.beta, pad, cfg.train.eval_batch_size, score
+        )
+    else:
+        rewards = sum(
+            type_rewards(
+                model,
+                data.encoded,
+                groups[(g + shift) % F],
+                cfg.loss.beta,
+                pad,
+                cfg.train.eval_batch_size,
+                data.record_fold == g,
+            )  # fmt: skip
+            for g in range(F)
+        )
+    loglik = record_logliks(rewards, data.ranking, data.present)
+    gamma, eta, total = e_step(loglik, data.index, len(data.names), torch.tensor(eta), score)
+    return gamma.numpy(), eta.numpy(), total
 
-    def __init__(self, run_dir: Path | None):
-        self.root = Path(run_dir) / "em" if run_dir else None
 
-    def latest(self) -> Path | None:
-        if self.root is None or not self.root.is_dir():
-            return None
-        done = [p for p in self.root.glob("iter-*") if (p / "state.json").is_file()]
-        return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
-
-    def save(self, iteration: int, model, gamma, eta, history) -> None:
-        if self.root is None:
-            return
-        final, tmp = self.root / f"iter-{iteration}", self.root / f".tmp-iter-{iteration}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(trainable_state(model), tmp / "trainable.safetensors")
-        save_file({"gamma": torch.as_tensor(gamma), "eta": torch.as_tensor(eta)}, tmp / "gamma.safetensors")
-        (tmp / "state.json").write_text(json.dumps({"iteration": iteration, "history": history}))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in self.root.glob("iter-*"):  # the newest is enough to resume
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
-
-    def load(self, path: Path, model):
-        weights = load_file(path / "trainable.safetensors")
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name].copy_(tensor)
-        arrays = load_file(path / "gamma.safetensors")
-        state = json.loads((path / "state.json").read_text())
-        return state["iteration"], arrays["gamma"].numpy(), arrays["eta"].numpy(), state["history"]
+def _run_restart(cfg, r, model, groups, data, pad, init, *, true_types, log_fn, accelerator, run_dir):
+    """One EM run (restart r) to its plateau or em.max_iterations -> (γ, η, history, weights in memory or None
+    when this restart finished in an earlier process and its weights are on disk)."""
+    em, state, flat = cfg.em, EMState(run_dir, r), [name for group in groups for name in group]
+    start, history, done = 0, [], False
+    if (latest := state.latest()) is not None:
+        activate(model, flat[0])
+        start, gamma, eta, history, done = state.load(latest, model)
+        logger.warning("resumed EM-DPO from %s (iteration %d)", latest, start)
+        if done:
+            return gamma, eta, history, None
+    else:
+        if r:
+            reset_types(model, flat, cfg.train.seed + r)
+        gamma = init(cfg.train.seed + r)
+        eta = gamma.mean(0)
+    U = len(data.names)
+    for t in range(start, em.max_iterations):
+        fit_half = (
+            torch.ones(len(data.encoded), dtype=torch.bool)
+            if not em.holdout
+            else (data.halves == t % 2) | (data.halves < 0)
+        )
+        score = None if not em.holdout else (data.halves == (t + 1) % 2) | (data.halves < 0)
+        rng = np.random.default_rng([cfg.train.seed + r, t])  # a function of (seed, restart, iteration)
+        items = m_step_items(data.encoded, data.index, gamma, em.m_step, rng, fit_half)
+        if data.record_fold is not None:
+            items = cross_fit_items(items, data.record_fold, len(groups))
+        m_dir = str(state.m_steps / f"iter-{t + 1}") if run_dir else ""
+        train_cfg = dataclasses.replace(cfg.train, output_dir=m_dir, seed=cfg.train.seed + r * 1000 + t)
+        # fit() optimizes what requires grad when it starts; peft's disable_adapter() (the reference pass)
+        # leaves only the active adapter trainable, which silently froze type1.. in the first M-step
+        activate(model, flat[0])
+        fitted = fit(model, items, make_collate(pad), make_step(flat, cfg.loss.beta), train_cfg,
+                     accelerator=accelerator, desc=f"EM {t + 1}/{em.max_iterations} M-step")  # fmt: skip
+        model = fitted.model
+        gamma, eta, total = _e_step(cfg, model, groups, data, eta, pad, score)
+        losses = [h["loss"] for h in fitted.history if "loss" in h]
+        entry = {
+            "step": r * em.max_iterations + t + 1,
+            "iteration": t + 1,
+            "restart": r,
+            "em/log_likelihood": total,
+            "em/log_likelihood_kind": "held-out" if (em.holdout or em.folds > 1) else "in-sample",
+            "em/type_weights": eta.tolist(),
+            "em/gamma_entropy": gamma_entropy(gamma),
+            "loss": float(np.mean(losses)) if losses else None,
+            "em/m_step_records": len(items),
+        }
+        if em.in_sample_loglik and data.record_fold is not None:
+            entry["em/log_likelihood_in_sample"] = _e_step(cfg, model, groups, data, eta, pad, None, shift=1)[
+                2
+            ]
+        if true_types is not None:
+            entry["em/ari"] = adjusted_rand(true_types, data.names, gamma)
+        lls = [h["em/log_likelihood"] for h in history]
+        previous = (lls[-2] if len(lls) >= 2 else None) if em.holdout else (lls[-1] if lls else None)
+        done = t + 1 == em.max_iterations or (
+            em.tolerance is not None and plateaued(previous, total, U, em.tolerance)
+        )
+        entry["em/plateau"] = done and t + 1 < em.max_iterations
+        history.append(entry)
+        if log_fn is not None:
+            log_fn(entry)
+        activate(model, flat[0])
+        state.save(t + 1, model, gamma, eta, history, done)
+        if done:
+            break
+    return gamma, eta, history, trainable_state(model)
 
 
 def run_em(cfg: Config, records, base_model, tokenizer, *, true_types=None, init_labels=None,
@@ -318,13 +299,20 @@ def run_em(cfg: Config, records, base_model, tokenizer, *, true_types=None, init
     K, em = cfg.em.n_types, cfg.em
     if K > len(names):
         raise ConfigError(f"config key 'em.n_types' = {K} exceeds the number of annotators ({len(names)})")
+    if em.folds > len(names):
+        raise ConfigError(
+            f"config key 'em.folds' = {em.folds} exceeds the number of annotators ({len(names)})"
+        )
     apply_chat_template(tokenizer, cfg.data)
     encoded = encode_data(tokenizer, records, cfg.data, "data.train", fit_lengths(cfg.data, base_model))
     if len(encoded) < len(records):  # records identical after truncation dropped (data.on_bad_row: skip)
         records = [records[i] for i in encoded.kept]
         names, index = annotator_index(records)
     pad = pad_token_id(tokenizer)
-    model, adapters = type_policies(base_model, em, cfg.model.lora, cfg.train.seed)
+    finals = [f"type{k}" for k in range(K)]
+    groups = [finals] if em.folds == 1 else [[f"fold{f}_type{k}" for k in range(K)] for f in range(em.folds)]
+    model, _ = type_policies(base_model, em, cfg.model.lora, cfg.train.seed,
+                             finals if em.folds == 1 else finals + [n for g in groups for n in g])  # fmt: skip
     if accelerator is not None:
         model.to(accelerator.device)
     with model.disable_adapter():
@@ -336,70 +324,68 @@ def run_em(cfg: Config, records, base_model, tokenizer, *, true_types=None, init
             cache_dir=str(Path(run_dir) / "reference_cache") if run_dir else None,
         )
     n = max(len(e.response_ids) for e in encoded)
-    ranking = torch.tensor([e.ranking + [-1] * (n - len(e.ranking)) for e in encoded])
-    present = torch.tensor([[j < len(e.response_ids) for j in range(n)] for e in encoded])
-    halves = record_halves(index)
-    if em.holdout and (halves < 0).any():
+    folds = annotator_folds(len(names), em.folds, cfg.train.seed)[index] if em.folds > 1 else None
+    data = _Data(
+        encoded,
+        index,
+        names,
+        torch.tensor([e.ranking + [-1] * (n - len(e.ranking)) for e in encoded]),
+        torch.tensor([[j < len(e.response_ids) for j in range(n)] for e in encoded]),
+        record_halves(index),
+        folds,
+    )
+    if em.holdout and (data.halves < 0).any():
         logger.warning(
             "em.holdout: %d annotators have a single record; they are scored in-sample",
-            len(set(index[halves < 0].tolist())),
+            len(set(index[data.halves < 0].tolist())),
         )
-    state = EMState(run_dir)
-    if not cfg.train.resume and state.root is not None:  # starting over: an old iteration must not win
-        shutil.rmtree(state.root, ignore_errors=True)
-    start, history = 0, []
-    gamma = initial_gamma(em, records, index, names, cfg.train.seed, init_labels)
-    eta = gamma.mean(0)
-    if (latest := state.latest()) is not None:
-        activate(model, adapters[0])
-        start, gamma, eta, history = state.load(latest, model)
-        logger.warning("resumed EM-DPO from %s (iteration %d)", latest, start)
-    for t in range(start, em.max_iterations):
-        fit_half = (
-            torch.ones(len(encoded), dtype=torch.bool) if not em.holdout else (halves == t % 2) | (halves < 0)
+    if not cfg.train.resume and run_dir:  # starting over: an old iteration must not win
+        shutil.rmtree(Path(run_dir) / "em", ignore_errors=True)
+
+    def init(seed):
+        return initial_gamma(em, records, index, names, seed, init_labels)
+
+    best, finals_ll = None, []
+    for r in range(em.restarts):
+        gamma, eta, history, weights = _run_restart(cfg, r, model, groups, data, pad, init, true_types=true_types,
+                                                    log_fn=log_fn, accelerator=accelerator, run_dir=run_dir)  # fmt: skip
+        finals_ll.append(history[-1]["em/log_likelihood"])
+        if best is None or finals_ll[-1] > best[0]:
+            best = (finals_ll[-1], r, gamma, eta, history, weights)
+    _, r, gamma, eta, history, weights = best
+    if em.restarts > 1:  # the model holds the last restart: bring back the best one
+        activate(model, finals[0])
+        if weights is None:
+            EMState(run_dir, r).load(EMState(run_dir, r).latest(), model)
+        else:
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, tensor in weights.items():
+                    params[name].copy_(tensor)
+    if em.folds > 1:
+        model = _final_fit(
+            cfg, model, finals, groups[0], data, gamma, pad, accelerator, run_dir, log_fn, history
         )
-        score_half = None if not em.holdout else (halves == (t + 1) % 2) | (halves < 0)
-        rng = np.random.default_rng([cfg.train.seed, t])  # a function of (seed, iteration): resume is exact
-        items = m_step_items(encoded, index, gamma, em.m_step, rng, fit_half)
-        m_dir = str(Path(run_dir) / "m_steps" / f"iter-{t + 1}") if run_dir else ""
-        train_cfg = dataclasses.replace(cfg.train, output_dir=m_dir, seed=cfg.train.seed + t)
-        # fit() optimizes what requires grad when it starts; peft's disable_adapter() (the reference pass)
-        # leaves only the active adapter trainable, which silently froze type1.. in the first M-step
-        activate(model, adapters[0])
-        fitted = fit(
-            model,
-            items,
-            make_collate(pad),
-            make_step(adapters, cfg.loss.beta),
-            train_cfg,
-            accelerator=accelerator,
-            desc=f"EM {t + 1}/{em.max_iterations} M-step",
-        )
-        model = fitted.model
-        rewards = type_rewards(
-            model, encoded, adapters, cfg.loss.beta, pad, cfg.train.eval_batch_size, score_half
-        )
-        loglik = record_logliks(rewards, ranking, present)
-        gamma_t, eta_t, total = e_step(loglik, index, len(names), torch.tensor(eta), score_half)
-        gamma, eta = gamma_t.numpy(), eta_t.numpy()
-        losses = [h["loss"] for h in fitted.history if "loss" in h]
-        entry = {
-            "step": t + 1,
-            "iteration": t + 1,
-            "em/log_likelihood": total,
-            "em/type_weights": eta.tolist(),
-            "em/gamma_entropy": gamma_entropy(gamma),
-            "loss": float(np.mean(losses)) if losses else None,
-            "em/m_step_records": len(items),
-        }
-        if true_types is not None:
-            entry["em/ari"] = adjusted_rand(true_types, names, gamma)
-        history.append(entry)
-        if log_fn is not None:
-            log_fn(entry)
-        activate(model, adapters[0])
-        state.save(t + 1, model, gamma, eta, history)
-    return EMResult(model, tokenizer, adapters, names, gamma, eta, history)
+    activate(model, finals[0])
+    return EMResult(model, tokenizer, finals, names, gamma, eta, history, finals_ll)
+
+
+def _final_fit(cfg, model, finals, source, data, gamma, pad, accelerator, run_dir, log_fn, history):
+    """Cross-fitted EM's deliverable: type k := fold 0's type k, then one M-step on every annotator."""
+    for name, src in zip(finals, source):
+        copy_type(model, src, name)
+    rng = np.random.default_rng([cfg.train.seed, 1 << 20])  # apart from every iteration
+    items = m_step_items(data.encoded, data.index, gamma, cfg.em.m_step, rng)
+    m_dir = str(Path(run_dir) / "m_steps" / "final") if run_dir else ""
+    activate(model, finals[0])
+    fitted = fit(model, items, make_collate(pad), make_step(finals, cfg.loss.beta),
+                 dataclasses.replace(cfg.train, output_dir=m_dir), accelerator=accelerator,
+                 desc="EM final M-step on every annotator")  # fmt: skip
+    losses = [h["loss"] for h in fitted.history if "loss" in h]
+    entry = {"step": history[-1]["step"] + 1, "em/final_fit_loss": float(np.mean(losses)) if losses else None}
+    if log_fn is not None:
+        log_fn(entry)
+    return fitted.model
 
 
 # ---------------------------------------------------------------- run directory

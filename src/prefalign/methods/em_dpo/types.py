@@ -15,9 +15,9 @@ from prefalign.core.errors import ConfigError
 from prefalign.core.models import LoraSettings, add_lora, lora_config, seed_lora
 
 
-def add_type_adapters(base, lora: LoraSettings, n_types: int, seed: int = 0):
-    """PeftModel with fresh LoRA adapters type0..type{K-1} (each starts equal to the reference)."""
-    adapters = [f"type{k}" for k in range(n_types)]
+def add_type_adapters(base, lora: LoraSettings, n_types: int, seed: int = 0, names=None):
+    """PeftModel with fresh LoRA adapters type0..type{K-1}, or `names` (each starts equal to the reference)."""
+    adapters = list(names) if names is not None else [f"type{k}" for k in range(n_types)]
     model = add_lora(base, lora, adapter_name=adapters[0], seed=seed)
     for name in adapters[1:]:
         model.add_adapter(name, lora_config(lora))
@@ -72,14 +72,41 @@ class TypeCopies(torch.nn.Module):
             self.copies[name].save_pretrained(Path(path) / name, safe_serialization=True)
 
 
-def type_policies(base, em, lora: LoraSettings, seed: int = 0):
-    """(model, adapter names): LoRA adapters on `base` (em.adapter: lora) or K full copies (em.adapter: full)."""
+def type_policies(base, em, lora: LoraSettings, seed: int = 0, names=None):
+    """(model, adapter names): LoRA adapters on `base` (em.adapter: lora) or full copies (em.adapter: full),
+    named type0..type{K-1} or `names`."""
+    names = list(names) if names is not None else [f"type{k}" for k in range(em.n_types)]
     if em.adapter == "full":
-        names = [f"type{k}" for k in range(em.n_types)]
         return TypeCopies(base, names), names
     if em.adapter != "lora":
         raise ConfigError(f"config key 'em.adapter' must be 'lora' or 'full', got {em.adapter!r}")
-    return add_type_adapters(base, lora, em.n_types, seed)
+    return add_type_adapters(base, lora, em.n_types, seed, names)
+
+
+def reset_types(model, names, seed: int) -> None:
+    """Every policy in `names` back to the reference: full copies get the base's weights again; LoRA adapters
+    B = 0 and A drawn again from `seed` (an EM restart starts from fresh policies)."""
+    with torch.no_grad():
+        if isinstance(model, TypeCopies):
+            for name in names:
+                model.copies[name].load_state_dict(model.reference.state_dict())
+            return
+        for param_name, param in model.named_parameters():
+            if "lora_B" in param_name and any(f".{name}." in param_name for name in names):
+                param.zero_()
+    seed_lora(model, seed, list(names))
+
+
+def copy_type(model, source: str, target: str) -> None:
+    """Policy `target` := policy `source` (weights copied; both stay separate policies)."""
+    with torch.no_grad():
+        if isinstance(model, TypeCopies):
+            model.copies[target].load_state_dict(model.copies[source].state_dict())
+            return
+        params = dict(model.named_parameters())
+        for param_name, param in params.items():
+            if f".{source}." in param_name:
+                params[param_name.replace(f".{source}.", f".{target}.")].copy_(param)
 
 
 def activate(model, name: str) -> None:
