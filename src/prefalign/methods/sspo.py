@@ -13,6 +13,9 @@ Self-Sampling Regularization (SSR): with ONE shared (t, ε) per example,
 s = +1 is exactly Diffusion-DPO with x_ref as the loser; s = −1 pushes both errors down (SFT-like).
 The sign/tie rule, keeping the initial snapshot pinned in the bank, and one draw per micro-batch are
 reconstructions (no public training code): each is a named option (`loss.ssr`, `sspo.bank.keep_initial`).
+One (t, ε) draw's Δ_w is a noisy estimate of its sign: `sspo.sign_draws` = M reads s from Δ_w averaged over
+M draws (the loss still uses its own draw), and `sspo.sign_check_draws` logs how often the sign used agrees
+with a many-draw estimate (`sspo/sign_agreement`).
 `loss.name: sft` is the SFT-on-winners baseline (plain denoising loss on x_w).
 """
 
@@ -55,7 +58,7 @@ from prefalign.core.pipelines import (
     world_score,
 )
 from prefalign.core.train import Job, TrainConfig, unwrap
-from prefalign.losses.diffusion import diffusion_sft_loss, sspo_loss
+from prefalign.losses.diffusion import diffusion_sft_loss, sspo_loss, ssr_sign
 
 LOSSES = {"sspo": sspo_loss, "sft": diffusion_sft_loss}
 RENAMES = {
@@ -91,10 +94,24 @@ class SSPOSettings:
     reference_sample: RefSampleConfig = field(default_factory=RefSampleConfig)
     # classifier-free guidance of the reference samples (text pipelines; 1 = none; diffusers' SD default 7.5)
     guidance_scale: float = 1.0
+    # SSR's sign from Δ_w averaged over this many (t, ε) draws: the loss's own draw + the rest without
+    # gradient (2 forwards of the winners each). 1 = the sign of the loss's single shared draw
+    sign_draws: int = 1
+    # 0 = off. N > 0: every `sign_check_every` micro-batches whose snapshot is not the current model, the sign
+    # is also estimated from N fresh draws (own seeded generator: training is unchanged) and
+    # `sspo/sign_agreement` (the sign used vs that estimate) and `sspo/sign_agreement_one_draw` are logged
+    sign_check_draws: int = 0
+    sign_check_every: int = 10  # micro-batches between two checks of the sign (with sign_check_draws > 0)
 
     def validate(self):
         if self.bank.size < 1 or self.bank.save_every < 1:
             raise ConfigError("config keys 'sspo.bank.size' and 'sspo.bank.save_every' must be >= 1")
+        if self.sign_draws < 1 or self.sign_check_every < 1 or self.sign_check_draws < 0:
+            raise ConfigError(
+                "config keys 'sspo.sign_draws' and 'sspo.sign_check_every' must be >= 1 and "
+                f"'sspo.sign_check_draws' >= 0, got {self.sign_draws}, {self.sign_check_every}, "
+                f"{self.sign_check_draws}"
+            )
         if self.guidance_scale < 1:
             raise ConfigError(
                 f"config key 'sspo.guidance_scale' must be >= 1 (1 = no guidance), got {self.guidance_scale}"
@@ -123,6 +140,15 @@ class Config:
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(output_dir="runs/sspo", learning_rate=1e-5)
     )
+
+    def validate(self):
+        uses_sign = self.loss.name == "sspo" and (self.loss.ssr or "sign") != "none"
+        if not uses_sign and (self.sspo.sign_draws > 1 or self.sspo.sign_check_draws > 0):
+            raise ConfigError(
+                "config keys 'sspo.sign_draws' > 1 and 'sspo.sign_check_draws' > 0 need an SSR sign "
+                f"(loss.name sspo with loss.ssr sign or indicator); got loss.name {self.loss.name}, "
+                f"loss.ssr {self.loss.ssr}"
+            )
 
 
 class CheckpointBank:
@@ -245,11 +271,25 @@ class SSPOState:
                 del self.cache[key]
 
 
+@torch.no_grad()
+def mean_winner_delta(model, ckpt, scheduler, winners, cond, draws: int, generator=None) -> torch.Tensor:
+    """Δ_w = e(θ, x_w) − e(ckpt, x_w) averaged over `draws` fresh (t, ε) draws per example, [B], without
+    gradient. Each draw is one forward of each network on the B winners (the memory of a training step);
+    the draws come from `generator` (None: the global RNG, which resume restores)."""
+    total = torch.zeros(len(winners), device=winners.device)
+    for _ in range(draws):
+        timesteps, noise = draw_timesteps_and_noise(scheduler, winners, generator)
+        total += noise_pred_error(model, scheduler, winners, cond, timesteps, noise)
+        total -= noise_pred_error(ckpt, scheduler, winners, cond, timesteps, noise)
+    return total / draws
+
+
 def make_step(scheduler, state: SSPOState | None, cfg: Config, conditioner: Conditioner | None = None):
     """step_fn for `core.train.fit`: SSPO (checkpoint drawn from the bank, its sample as the loser) or SFT.
     Without a `conditioner` the batch already holds the UNet's inputs: `chosen` and `context`."""
     _, _, options = build_loss(cfg.loss, LOSSES)
     pixel_space = conditioner is None or conditioner.parts.vae is None
+    draws = cfg.sspo.sign_draws
 
     def step(model, batch):
         if conditioner is None:
@@ -277,8 +317,15 @@ def make_step(scheduler, state: SSPOState | None, cfg: Config, conditioner: Cond
         model_w, model_r = paired_errors(model, scheduler, [winners, x_ref], train_cond, timesteps, noise)
         with torch.no_grad():
             ckpt_w, ckpt_r = paired_errors(ckpt, scheduler, [winners, x_ref], train_cond, timesteps, noise)
-        losses, sign, inside = sspo_loss(model_w, model_r, ckpt_w, ckpt_r, **options)
-        return losses.mean(), {
+            one_draw = model_w.detach() - ckpt_w  # Δ_w of the loss's own (t, ε)
+            statistic = one_draw
+            if draws > 1:  # the same mean over `draws` draws, the loss's own first
+                rest = mean_winner_delta(model, ckpt, scheduler, winners, train_cond, draws - 1)
+                statistic = (one_draw + (draws - 1) * rest) / draws
+        losses, sign, inside = sspo_loss(
+            model_w, model_r, ckpt_w, ckpt_r, **options, sign_delta_w=None if draws == 1 else statistic
+        )
+        metrics = {
             "sspo/flip_rate": (sign < 0).float().mean(),
             "sspo/snapshot_age": float(updates - snapshot_id),
             "sspo/bank_size": float(len(state.bank.ids)),
@@ -287,6 +334,16 @@ def make_step(scheduler, state: SSPOState | None, cfg: Config, conditioner: Cond
             "mse/chosen": model_w.detach().mean(),
             "mse/reference_sample": model_r.detach().mean(),
         }
+        check = cfg.sspo.sign_check_draws
+        if check and (state.micro_batches - 1) % cfg.sspo.sign_check_every == 0 and updates > snapshot_id:
+            # the snapshot differs from the current model (age > 0: at age 0 every Δ_w is exactly 0)
+            generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + state.micro_batches)
+            reference = ssr_sign(
+                mean_winner_delta(model, ckpt, scheduler, winners, train_cond, check, generator)
+            )
+            metrics["sspo/sign_agreement"] = (sign == reference).float().mean()
+            metrics["sspo/sign_agreement_one_draw"] = (ssr_sign(one_draw) == reference).float().mean()
+        return losses.mean(), metrics
 
     return step
 
@@ -310,6 +367,7 @@ def setup(cfg: Config, ctx, **_) -> Job:
         return {
             "ssr": cfg.loss.ssr or "sign",
             "draw": cfg.sspo.bank.draw,
+            "sign_draws": cfg.sspo.sign_draws,
             "bank_bytes": state.bank.nbytes() if state else 0,
         }
 
