@@ -25,10 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import numbers
 import random
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,296 +38,22 @@ from prefalign.core.data_files import short_repr as _short
 from prefalign.core.data_mix import mix_records, train_sources
 from prefalign.core.data_smells import count_smells
 from prefalign.core.errors import ConfigError, DataError
-
-_Bad = RowError  # a row-level problem raised before the source and row are known
+from prefalign.core.records import (  # noqa: F401  (re-exported: the public data API)
+    ANNOTATOR_COLUMNS,
+    FIELDS,
+    LAYOUTS,
+    TIE_POLICIES,
+    LoadReport,
+    PreferenceData,
+    PreferenceRecord,
+    located_error,
+    ranking_from_scores,
+    record_from_row,
+    validate_record,
+    where,
+)
 
 logger = logging.getLogger(__name__)
-
-LAYOUTS = "prompt/chosen/rejected, chosen/rejected (implicit prompt), prompt/responses/ranking, prompt/responses/scores"
-ANNOTATOR_COLUMNS = ("annotator", "annotator_id", "user_id")
-FIELDS = ("prompt", "chosen", "rejected", "responses", "ranking", "scores", "weight", *ANNOTATOR_COLUMNS)
-TIE_POLICIES = ("error", "skip", "any-order", "truncate")
-
-
-def _located(error: _Bad, source: str, row: int, line: int | None = None) -> DataError:
-    message = f"{source}: row {row}: field '{error.field}': {error.expected}"
-    if line is not None:
-        message += f" (line {line})"
-    located = DataError(message, source=source, row=row, field=error.field, reason=error.reason)
-    located.line = line
-    return located
-
-
-def where(source: str, row: int, line: int | None = None) -> str:
-    """How messages name a row: `source row N` (0-based), plus `(line L)` for JSONL/CSV files."""
-    return f"{source} row {row}" + (f" (line {line})" if line is not None else "")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
-def _is_finite(x) -> bool:
-    try:
-        return math.isfinite(x)
-    except OverflowError:  # an integer too large for a float
-        return False
-
-
-@dataclass
-class PreferenceRecord:
-    prompt: str | list[dict]
-    responses: list[str | list[dict]]
-    ranking: list[int]  # indices into responses, best first; unranked responses are below all ranked ones
-    annotator: str | None = None
-    weight: float = 1.0
-    # where the record came from ("prefs.jsonl row 2 (line 3)"), for later messages; not part of its value
-    origin: str | None = dataclasses.field(default=None, compare=False, repr=False)
-
-    @classmethod
-    def pair(cls, prompt, chosen, rejected, annotator=None, weight=1.0) -> PreferenceRecord:
-        return cls(prompt, [chosen, rejected], [0, 1], annotator, weight)
-
-    @property
-    def chosen(self):
-        return self.responses[self.ranking[0]]
-
-    @property
-    def rejected(self):
-        """A worst response: of the worst tier as `core.metrics.ranked_ends` defines it (the last ranked one;
-        for a partial ranking the unranked ones, tied last, of which this is the last)."""
-        unranked = [i for i in range(len(self.responses)) if i not in self.ranking]
-        return self.responses[unranked[-1] if unranked else self.ranking[-1]]
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)  # a deep copy: editing the dict leaves the record alone
-        out.pop("origin")
-        return out
-
-
-@dataclass
-class LoadReport:
-    n_rows: int
-    n_loaded: int
-    skipped: dict[str, int]  # reason -> number of rows dropped for it
-    source: str = ""
-    duplicates: int = 0  # loaded rows equal to an earlier one (same annotator, prompt and ranking)
-    contradictions: int = 0  # loaded rows ordering two responses the other way than an earlier row
-    smell_examples: list[str] = dataclasses.field(default_factory=list)
-
-    def summary(self) -> str:
-        text = f"{self.source}: loaded {self.n_loaded} of {self.n_rows} rows"
-        if self.skipped:
-            reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped.items()))
-            text += f"; skipped {self.n_rows - self.n_loaded} ({reasons})"
-        return text
-
-    def smells(self) -> str:
-        """One line about duplicated and contradictory rows ('' when there are none)."""
-        parts = []
-        if self.duplicates:
-            parts.append(f"{self.duplicates} rows repeat an earlier row")
-        if self.contradictions:
-            parts.append(f"{self.contradictions} rows order two responses the other way than an earlier row")
-        if not parts:
-            return ""
-        examples = "; ".join(self.smell_examples)
-        return f"{self.source}: {' and '.join(parts)} (kept; e.g. {examples})"
-
-
-class PreferenceData(list):
-    """The list of records returned by `load_preferences`, with its `.report` (a `LoadReport`); a mixture
-    of several sources (`load_records`) also has `.mixture`: one dict per source (see `mix_records`)."""
-
-    report: LoadReport | None = None
-    mixture: list[dict] | None = None
-
-
-# ---------------------------------------------------------------------------------------------- validation
-
-
-def _text_or_messages(value, field: str):
-    if isinstance(value, str):
-        if not value.strip():
-            raise _Bad(field, "empty text", f"expected non-empty text, got {_short(value)}")
-        return value
-    if isinstance(value, (list, tuple)) and value and all(isinstance(m, dict) for m in value):
-        messages = []
-        for i, m in enumerate(value):
-            role, content = m.get("role"), m.get("content")
-            if not isinstance(role, str) or not role.strip() or not isinstance(content, str):
-                expected = "expected {'role': str, 'content': str}"
-                raise _Bad(field, "wrong type", f"message {i}: {expected}, got {_short(m)}")
-            messages.append({k: v for k, v in m.items() if v is not None})  # None: arrow filler
-        if not any(m["content"].strip() for m in messages):
-            raise _Bad(field, "empty text", "expected a message with non-empty content, all are empty")
-        return messages
-    if isinstance(value, (list, tuple)) and not value:
-        raise _Bad(field, "empty text", "expected text or a non-empty list of messages, got []")
-    expected = "expected text or a list of {'role', 'content'} messages"
-    raise _Bad(field, "wrong type", f"{expected}, got {_short(value)}")
-
-
-def ranking_from_scores(scores, tie_policy: str = "error") -> list[int]:
-    """Indices sorted by score, best first. Ties: "error" raises; "any-order" orders tied responses as they
-    appear (an arbitrary strict order: it invents preferences between equals); "truncate" keeps only the
-    ranked prefix above the first tie (a partial ranking, so nothing is invented; an error if the top is tied).
-    ("skip" is handled by `load_preferences`, which drops and counts tied rows.)"""
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])  # stable: earlier first among ties
-    ties = [k for k in range(len(order) - 1) if scores[order[k]] == scores[order[k + 1]]]
-    if not ties or tie_policy == "any-order":
-        return order
-    if tie_policy == "truncate" and ties[0] > 0:
-        return order[: ties[0]]
-    hint = "the top is tied" if tie_policy == "truncate" else "set tie_policy to skip/any-order/truncate"
-    raise _Bad("scores", "tied scores", f"tied scores {_short(list(scores))} ({hint})")
-
-
-def _check_ranking(value, n: int) -> list[int]:
-    if not isinstance(value, (list, tuple)) or not all(_is_int(i) for i in value):
-        raise _Bad("ranking", "wrong type", f"expected a list of integer indices, got {_short(value)}")
-    ranking = [int(i) for i in value]
-    if not ranking:
-        raise _Bad("ranking", "bad ranking", "expected at least one index (the best response), got []")
-    for i in ranking:
-        if not 0 <= i < n:
-            what = f"{'negative index' if i < 0 else 'index out of range'} {i} in {ranking}"
-            raise _Bad("ranking", "bad ranking", f"{what}; expected indices 0..{n - 1} ({n} responses)")
-    duplicates = [i for i, count in Counter(ranking).items() if count > 1]
-    if duplicates:
-        raise _Bad("ranking", "bad ranking", f"duplicate index {duplicates[0]} in {ranking}; expected unique")
-    return ranking
-
-
-def _check_scores(value, n: int) -> list[float]:
-    if not isinstance(value, (list, tuple)) or not all(_is_real(s) for s in value):
-        raise _Bad("scores", "wrong type", f"expected a list of numbers (one each), got {_short(value)}")
-    if len(value) != n:
-        raise _Bad("scores", "wrong type", f"expected {n} scores (one per response), got {len(value)}")
-    if not all(_is_finite(s) for s in value):
-        raise _Bad("scores", "non-finite score", f"expected finite numbers, got {_short(list(value))}")
-    return [float(s) for s in value]
-
-
-# the start of an assistant turn in Anthropic-HH style dialogues ("\n\nHuman: ...\n\nAssistant: ...")
-ASSISTANT_TURN = re.compile(r"(?:^|\n)[ \t]*Assistant:")
-
-
-def _split_implicit_prompt(chosen, rejected):
-    """The prompt of an implicit-prompt row: the shared beginning of chosen and rejected, cut back to a
-    boundary so that neither response starts inside a word or a turn.
-
-    Messages: the shared leading messages. Text: the shared characters up to the end of the last
-    "Assistant:" turn marker they contain (the HH convention), else up to the last whitespace they contain
-    (the whitespace goes to the responses). So "...Assistant: yes it is." / "...Assistant: yeah no." split
-    after "Assistant:", never inside "ye", and " hi" / " hi there" is a valid pair."""
-    k = 0
-    while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
-        k += 1
-    if isinstance(chosen, str):
-        shared = chosen[:k]
-        turns = list(ASSISTANT_TURN.finditer(shared))
-        if turns:
-            k = turns[-1].end()
-        else:
-            k = max((i for i, ch in enumerate(shared) if ch.isspace()), default=0)
-    if k == 0:
-        raise _Bad("prompt", "missing field", "missing, and chosen/rejected share no prefix to use as prompt")
-    return chosen[:k], chosen[k:], rejected[k:]
-
-
-def _annotator(row: dict):
-    found = {}
-    for column in ANNOTATOR_COLUMNS:
-        value = row.get(column)
-        if value is None:
-            continue
-        if _is_int(value):
-            value = str(value)
-        if not isinstance(value, str) or not value.strip():
-            raise _Bad(column, "wrong type", f"expected a non-empty string or integer, got {_short(value)}")
-        found[column] = value
-    if len(set(found.values())) > 1:
-        raise _Bad("annotator", "ambiguous layout", f"conflicting annotator columns {found}")
-    return next(iter(found.values()), None)
-
-
-def _weight(row: dict) -> float:
-    weight = row.get("weight")
-    if weight is None:
-        return 1.0
-    if not _is_real(weight) or not _is_finite(weight) or weight <= 0:
-        raise _Bad("weight", "bad weight", f"expected a finite number > 0, got {_short(weight)}")
-    return float(weight)
-
-
-def _record(row, tie_policy: str) -> PreferenceRecord:
-    if not isinstance(row, dict):
-        raise _Bad("row", "not an object", f"expected an object with named fields, got {type(row).__name__}")
-    present = {k for k in FIELDS if row.get(k) is not None}
-    pair, listwise = present & {"chosen", "rejected"}, present & {"responses", "ranking", "scores"}
-    if pair and listwise:
-        raise _Bad("responses", "ambiguous layout", f"both {sorted(pair)} and {sorted(listwise)} are present")
-    if {"ranking", "scores"} <= present:
-        raise _Bad("scores", "ambiguous layout", "both 'ranking' and 'scores' are present; keep one")
-    if pair:
-        for name in ("chosen", "rejected"):
-            if name not in present:
-                raise _Bad(name, "missing field", f"missing (layout prompt/chosen/rejected needs '{name}')")
-        chosen = _text_or_messages(row["chosen"], "chosen")
-        rejected = _text_or_messages(row["rejected"], "rejected")
-        if chosen == rejected:
-            raise _Bad("chosen", "identical responses", "chosen == rejected; expected two distinct responses")
-        if "prompt" in present:
-            prompt = row["prompt"]
-        elif isinstance(chosen, str) != isinstance(rejected, str):
-            raise _Bad("rejected", "mixed text and messages", "expected chosen and rejected of one kind")
-        else:
-            prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected)
-        responses = [_text_or_messages(chosen, "chosen"), _text_or_messages(rejected, "rejected")]
-        ranking, kind_field = [0, 1], "chosen"
-    elif listwise:
-        for name in ("prompt", "responses"):
-            if name not in present:
-                raise _Bad(name, "missing field", "missing (layouts prompt/responses/ranking or /scores)")
-        if "ranking" not in present and "scores" not in present:
-            raise _Bad("ranking", "missing field", "missing (give 'ranking' or 'scores' with 'responses')")
-        prompt, value = row["prompt"], row["responses"]
-        if not isinstance(value, (list, tuple)) or len(value) < 2:
-            what = f"{len(value)}" if isinstance(value, (list, tuple)) else _short(value)
-            raise _Bad("responses", "too few responses", f"expected a list of >= 2 responses, got {what}")
-        responses = [_text_or_messages(r, f"responses[{i}]") for i, r in enumerate(value)]
-        if "ranking" in present:
-            ranking = _check_ranking(row["ranking"], len(responses))
-        else:
-            ranking = ranking_from_scores(_check_scores(row["scores"], len(responses)), tie_policy)
-        kind_field = "responses"
-        for i in range(len(responses)):  # a ranked response equal to another one contradicts itself
-            for j in range(i):
-                if responses[i] == responses[j] and (i in ranking or j in ranking):
-                    raise _Bad("responses", "identical responses", f"responses {j} and {i} are identical")
-    elif "prompt" in present:
-        raise _Bad("chosen", "missing field", "missing; expected chosen/rejected or responses+ranking/scores")
-    else:
-        got = ", ".join(sorted(map(str, row))) or "none"
-        raise _Bad("columns", "unknown layout", f"none known (got: {got}); accepted column sets: {LAYOUTS}")
-    prompt = _text_or_messages(prompt, "prompt")
-    if len({isinstance(x, str) for x in [prompt, *responses]}) > 1:
-        raise _Bad(kind_field, "mixed text and messages", "expected all text or all messages (with prompt)")
-    return PreferenceRecord(prompt, responses, ranking, _annotator(row), _weight(row))
-
-
-def validate_record(record_dict, row, source="<memory>", *, tie_policy="error") -> PreferenceRecord:
-    """One raw row (any accepted layout) -> PreferenceRecord, or a DataError naming source, row and field.
-    `tie_policy` here is "error", "any-order" or "truncate" (see `ranking_from_scores`)."""
-    try:
-        return _record(record_dict, tie_policy)
-    except _Bad as e:
-        raise _located(e, source, row) from None
 
 
 def _rename(row, columns: dict):
@@ -340,7 +63,9 @@ def _rename(row, columns: dict):
     for old, new in columns.items():
         if old in row:
             if out.get(new) is not None:
-                raise _Bad(new, "ambiguous layout", f"both '{old}' (mapped by columns) and '{new}' present")
+                raise RowError(
+                    new, "ambiguous layout", f"both '{old}' (mapped by columns) and '{new}' present"
+                )
             out[new] = row[old]
     return out
 
@@ -387,14 +112,14 @@ def load_preferences(
     # disable=None: tqdm draws no bar when stderr is not a terminal (a log file gets no redraws)
     for i, raw in enumerate(tqdm(rows, desc=f"loading {name}", disable=True if len(rows) < 20_000 else None)):
         try:
-            if isinstance(raw, _Bad):
+            if isinstance(raw, RowError):
                 raise raw
             row = _rename(raw, columns)
-            record = _record(decode_csv_cells(row) if is_csv else row, row_ties)
+            record = record_from_row(decode_csv_cells(row) if is_csv else row, row_ties)
             record.origin = where(name, i, lines[i] if lines else None)
             records.append(record)
-        except _Bad as e:
-            error = _located(e, name, i, lines[i] if lines else None)
+        except RowError as e:
+            error = located_error(e, name, i, lines[i] if lines else None)
             if on_bad_row == "skip" or (tie_policy == "skip" and e.reason == "tied scores"):
                 skipped[e.reason] += 1
                 continue

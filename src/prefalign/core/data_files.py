@@ -30,7 +30,7 @@ def with_lines(rows: list, lines: list[int] | None) -> Rows:
 
 
 class RowError(DataError):
-    """A row-level problem raised before the source and row are known; `data._located` adds them."""
+    """A row-level problem raised before the source and row are known; `records.located_error` adds them."""
 
     def __init__(self, field: str, reason: str, expected: str):
         super().__init__(f"field '{field}': {expected}", field=field, reason=reason)
