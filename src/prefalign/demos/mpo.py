@@ -27,6 +27,7 @@ from prefalign.core.report import markdown_table, mean_std, pyplot, save_figure,
 from prefalign.demos import dpo as dpo_demo
 from prefalign.demos import mpo_tabular
 from prefalign.demos.mpo_tabular import best_reward_at, span, strictly_decreasing, verdict
+from prefalign.demos.mpo_tabular_plot import plot as plot_tabular
 from prefalign.methods import dpo, mpo
 from prefalign.worlds.reviews import ReviewsWorld
 
@@ -100,7 +101,10 @@ def run(out_dir: Path, quick: bool = False, seeds: list[int] | None = None) -> d
     seeds = seeds or [0]
     out_dir = Path(out_dir)
     # the tabular world takes seconds: never fewer than 3 seeds there
-    tabular, tabular_sections = mpo_tabular.run(out_dir, sorted({*seeds, 0, 1, 2}))
+    tabular_results = [mpo_tabular.run_seed(seed) for seed in sorted({*seeds, 0, 1, 2})]
+    tabular = mpo_tabular.summarize(tabular_results)
+    plot_tabular(tabular, tabular_results, out_dir)
+    tabular_sections = mpo_tabular.report_sections(tabular)
     s = settings(quick)
     world = ReviewsWorld(seed=0, quick=quick)
     reference, tokenizer = world.reference()
