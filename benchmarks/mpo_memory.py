@@ -33,9 +33,9 @@ def child(args) -> dict:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from prefalign.methods import dpo, mpo
     from prefalign.core.logprobs import EncodedRecord, collate
     from prefalign.core.reference import live_reference
+    from prefalign.methods import dpo, mpo
 
     torch.set_num_threads(1)
     after_imports = rss_mb()

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from prefalign.demos.pfm import flow_config
 from prefalign.core.report import markdown_table, plot_lines, write_report
+from prefalign.demos.pfm import flow_config
 from prefalign.methods.pfm import PreferenceFlow, collect_pairs, integrate
 from prefalign.worlds import digits
 
