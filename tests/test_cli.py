@@ -158,7 +158,7 @@ def test_truncation_row_counts_cut_prompts_and_responses():
     encoded = encode_data(tokenizer, records, DataConfig(on_bad_row="skip"), "t", (8, 3))
     assert console.truncation_row(encoded) == (
         "1 of 4 prompts cut to their last 3 tokens, 3 of 8 responses cut to fit max_length 8; "
-        "1 records dropped (identical after truncation)"
+        "1 records dropped (responses with identical token ids)"
     )
 
 
@@ -248,3 +248,16 @@ def test_trl_and_llama_factory_keys_get_our_name(given, hint):
 
     with pytest.raises(ConfigError, match=rf"did you mean '{re.escape(hint)}'"):
         runner.build_config({"method": "dpo", **given})
+
+
+def test_loading_the_worlds_prints_nothing():
+    """Resolving `world:` sources imports every registered world (diffusers' SD pipelines among them); the
+    third-party import-time notes (torchvision fallback of CLIP/SigLIP image processors) are silenced, so
+    `prefalign config`/`train` start with prefalign's own lines. A fresh interpreter: import-time only."""
+    import subprocess
+    import sys
+
+    code = "from prefalign.core import sources; assert 'world:reviews' in sources.known()"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "torchvision" not in result.stderr and "falling back" not in result.stderr, result.stderr

@@ -66,3 +66,19 @@ def test_a_flat_trl_style_key_gets_a_hint():
 def test_unknown_method_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown method 'ppo'"):
         build_config({"method": "ppo"})
+
+
+@pytest.mark.parametrize("name", sorted(set(method_module("dpo").LOSSES) - {"sft"}))
+def test_the_dpo_recipe_takes_every_loss_by_name_alone(name):
+    """`--set loss.name=X` on the shipped DPO recipe builds for every preference loss: the recipe sets only
+    beta, which they all take (it once set label_smoothing, so `ipo` failed). SFT has no beta: the
+    recipe's comment says to add `--set loss.beta=null`."""
+    cfg = load_config(CONFIGS[0].with_name("dpo_reviews.yaml"), [f"loss.name={name}"])
+    assert cfg.loss.name == name
+
+
+def test_an_option_the_loss_does_not_take_says_how_to_drop_it():
+    path = CONFIGS[0].with_name("sspo_digits.yaml")  # sets loss.ssr and loss.beta, which `sft` does not take
+    with pytest.raises(ConfigError, match=r"loss 'sft' has no option .* add --set loss\.\w+=null"):
+        load_config(path, ["loss.name=sft"])
+    assert load_config(path, ["loss.name=sft", "loss.ssr=null", "loss.beta=null"]).loss.name == "sft"

@@ -62,3 +62,14 @@ def test_mpo_demo_quick_reports_the_frontier_claims(tmp_path):
     assert report.count("**holds") + report.count("**does not hold**") >= 12, report
     for png in re.findall(r"\]\(([^)]+\.png)\)", report):
         assert (out / png).stat().st_size > 1000
+
+
+def test_one_seed_shows_no_spread_in_tables_or_sentences():
+    """A (mean, std) from one seed has std exactly 0 (`mean_std`): tables and claim sentences print the mean
+    alone; with several seeds they print `mean ± std`."""
+    from prefalign.core.report import fmt, markdown_table, mean_std, pm
+
+    one, three = mean_std([0.5]), mean_std([0.4, 0.5, 0.6])
+    assert fmt(one) == "0.500" and pm(*one, signed=True) == "+0.500"
+    assert fmt(three) == "0.500 ± 0.100" and pm(*three, digits=2, signed=True) == "+0.50 ± 0.10"
+    assert "±" not in markdown_table([{"row": "dpo", "score": one}], ["row", "score"])

@@ -42,3 +42,19 @@ def test_diffusion_dpo_raises_the_text_world_score(tmp_path):
     )
     assert numbers["score"] > base["score"] + 0.05, (base, numbers)
     assert numbers["train_pairs/rewards/accuracies"] > 0.6, numbers
+
+
+def test_diffusion_demo_tiny_form_writes_every_row(tmp_path):
+    """`prefalign demo diffusion` end to end in a tiny form (2 steps per row): every row trained, scored and
+    in summary.json and report.md. Guards the demo's own settings (it once read keys of another demo)."""
+    from prefalign.demos import diffusion as demo
+
+    tiny = dict(n_pairs=16, pair_sample_steps=2, max_steps=2, batch_size=8, bank_size=2, save_every=1,
+                eval_per_class=2, eval_steps=2)  # fmt: skip
+    summary = demo.run(tmp_path, quick=True, seeds=[0], overrides=tiny)
+    assert set(summary["rows"]) == set(demo.ROWS)
+    for row in demo.ROWS:
+        score, std = summary["rows"][row]["score"]
+        assert 0.0 <= score <= 1.0 and std == 0.0
+    assert set(summary["gain_over_base"]) == set(demo.ROWS[1:])
+    assert "Diffusion-DPO − base" in (tmp_path / "report.md").read_text()

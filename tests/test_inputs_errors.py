@@ -56,3 +56,40 @@ def test_a_data_folder_that_is_not_a_saved_dataset_is_one_line(tmp_path, model_a
     result = CliRunner().invoke(app, ["train", str(write_config(tmp_path / "c.yaml", cfg))])
     one_error_line(result, str(folder), "save_to_disk")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "method, data",
+    [
+        ("dpo", {"train": "MISSING"}),
+        ("dpo", {"train": "PAIRS", "eval": "MISSING"}),
+        ("dpo", {"train": ["PAIRS", "MISSING"]}),
+        ("pfm", {"train": "MISSING"}),
+        ("sspo", {"train": "MISSING"}),
+        ("diffusion_dpo", {"train": "MISSING"}),
+    ],
+)
+def test_a_missing_data_file_names_its_config_key_before_any_work(tmp_path, model_and_data, method, data):
+    """Every method: a data path that does not exist is one line naming the key (`data.train`,
+    `data.eval`, `data.train[1]`), raised before the model loads and leaving no run directory."""
+    root, pairs = model_and_data
+    missing = str(tmp_path / "nope.jsonl")
+
+    def fill(value):
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        if isinstance(value, dict):
+            return {k: fill(v) for k, v in value.items()}
+        return {"MISSING": missing, "PAIRS": str(pairs)}.get(value, value)
+
+    data = fill(data)
+    key = next(f"data.{k}" + (f"[{i}]" if isinstance(v, list) else "")
+               for k, v in data.items() for i, s in enumerate(v if isinstance(v, list) else [v])
+               if missing in str(s))  # fmt: skip
+    cfg = {"method": method, "data": data,
+           "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "progress": False}}  # fmt: skip
+    if method != "pfm":  # a flow has no model to load
+        cfg["model"] = {"name_or_path": str(root / "no-model-needed")}
+    result = CliRunner().invoke(app, ["train", str(write_config(tmp_path / "c.yaml", cfg))])
+    one_error_line(result, f"config key '{key}'", "file not found", missing)
+    assert not (tmp_path / "run").exists()

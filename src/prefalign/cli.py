@@ -162,7 +162,9 @@ def demo(
     name: Annotated[str, typer.Argument(help=f"one of: {', '.join(DEMOS)}, all")] = "dpo",
     quick: Annotated[bool, typer.Option("--quick", help="a ~3 minute version (1 seed, fewer steps)")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="output directory")] = None,
-    seeds: Annotated[int, typer.Option(help="number of seeds (default: 1 with --quick, else 3)")] = 0,
+    seeds: Annotated[
+        int, typer.Option(help="number of seeds; 0: 1 with --quick, else 3", show_default=False)
+    ] = 0,
 ):
     """Build a world, train, evaluate against ground truth, write report.md + summary.json."""
     names = list(DEMOS) if name == "all" else [name]

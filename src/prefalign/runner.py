@@ -32,6 +32,7 @@ import yaml
 from prefalign.core import console
 from prefalign.core.checkpoint import checkpoints
 from prefalign.core.config import apply_overrides, apply_renames, build, load_yaml, loss_options, to_dict
+from prefalign.core.data_mix import check_sources_exist
 from prefalign.core.errors import ConfigError
 from prefalign.core.export import export_checkpoint, export_final, record_base_model
 from prefalign.core.report import eval_markdown, model_card, write_summary
@@ -179,6 +180,7 @@ def run(cfg, **inputs) -> RunResult:
     try:
         accelerator = make_accelerator(cfg.train)
         check_resumable(run_dir, cfg)
+        check_sources_exist(cfg.data)
         if accelerator.is_main_process:
             _write_config(run_dir, cfg)
             _record_world(run_dir, cfg)

@@ -297,7 +297,8 @@ def build_loss(section, registry: dict, consumed: tuple[str, ...] = ()):
         if key not in takes and key not in consumed:
             options = ", ".join(sorted(set(takes) | set(consumed))) or "none"
             raise ConfigError(
-                f"config key 'loss.{key}': loss '{name}' has no option '{key}' (its options: {options})"
+                f"config key 'loss.{key}': loss '{name}' has no option '{key}' (its options: {options}); "
+                f"remove it from the config or add --set loss.{key}=null"
             )
     return name, fn, {k: v for k, v in given.items() if k in takes}
 

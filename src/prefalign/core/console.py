@@ -126,20 +126,25 @@ def count_parameters(model) -> tuple[int, int]:
 
 
 class _DropMessages(logging.Filter):
-    def __init__(self, starts: tuple[str, ...]):
+    def __init__(self, fragments: tuple[str, ...]):
         super().__init__()
-        self.starts = starts
+        self.fragments = fragments
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.starts)
+        return not any(fragment in str(record.msg) for fragment in self.fragments)
 
 
-NOISY_LOGS = {  # logger -> the starts of messages it logs that tell a user nothing to act on
+NOISY_LOGS = {  # logger -> fragments of messages it logs that tell a user nothing to act on
     "transformers.modeling_utils": (
         # GPT-2 decoding steps inside `generate` (our calls pass an attention mask; finished rows hold pads)
         "We strongly recommend passing in an `attention_mask`",
         # a model without `loss_type` (GPT-2) computing its own LM loss: transformers uses the right default
         "`loss_type=None` was set in the config but it is unrecognized",
+    ),
+    "transformers.utils.import_utils": (
+        # importing diffusers' SD pipelines without torchvision: CLIP/SigLIP image processors fall back to PIL,
+        # which is all prefalign uses them for (no image goes through them)
+        "requires torchvision (not installed); falling back to",
     ),
 }
 
@@ -149,13 +154,14 @@ def quiet_library_noise() -> None:
     - peft: "fan_in_fan_out is set to False but the target module is `Conv1D`" (GPT-2's layers; peft sets
       the right value itself);
     - transformers: the `is_gradient_checkpointing` deprecation (raised inside peft, not our call), and the
-      messages of NOISY_LOGS;
+      messages of NOISY_LOGS (also the image processors' torchvision fallback logged when the world modules
+      import diffusers' pipelines: `sources` calls this before loading them);
     - transformers' "Loading weights" / "Writing model shards" bars when not on a terminal."""
     warnings.filterwarnings("ignore", message=r"fan_in_fan_out is set to False", category=UserWarning)
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*is deprecated")
     for name, starts in NOISY_LOGS.items():
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropMessages) and f.starts == starts for f in logger.filters):
+        if not any(isinstance(f, _DropMessages) and f.fragments == starts for f in logger.filters):
             logger.addFilter(_DropMessages(starts))
     if not bars():
         hf_logging.disable_progress_bar()
@@ -208,7 +214,7 @@ def truncation_row(encoded) -> str:
         f"{report.responses_cut} of {report.responses} responses cut to fit max_length {max_length}"
     )
     dropped = report.records - len(encoded)
-    return text + (f"; {dropped} records dropped (identical after truncation)" if dropped else "")
+    return text + (f"; {dropped} records dropped (responses with identical token ids)" if dropped else "")
 
 
 def lm_rows(

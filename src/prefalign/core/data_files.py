@@ -154,7 +154,7 @@ def _dataset_rows(dataset, split: str, name: str) -> list:
     return dataset.to_list()
 
 
-def _looks_like_hub_name(text: str) -> bool:
+def looks_like_hub_name(text: str) -> bool:
     if text.startswith("hf://"):
         return True
     return re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and Path(text).suffix.lower() not in FILE_TYPES
@@ -181,7 +181,7 @@ def read_rows(source, split: str) -> tuple[str, list]:
         return name, _dataset_rows(loaded, split, name)
     if path.is_file():
         return name, _read_file(path, name)
-    if isinstance(source, str) and _looks_like_hub_name(source):
+    if isinstance(source, str) and looks_like_hub_name(source):
         import datasets
 
         hub_name = source.removeprefix("hf://")

@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 import numbers
 import random
+from pathlib import Path
 
-from prefalign.core.data_files import short_repr
+from prefalign.core.data_files import looks_like_hub_name, short_repr
 from prefalign.core.errors import ConfigError
 
 
@@ -70,3 +71,19 @@ def mix_records(parts: list[list], weights: list[float | None], seed: int) -> tu
         chosen = list(range(len(part))) * repeats + sorted(rng.sample(range(len(part)), rest))
         out.extend(part[i] for i in chosen)
     return out, targets
+
+
+def check_sources_exist(data) -> None:
+    """Before any work: every local file or folder named by `data.train` / `data.eval` exists, else a
+    ConfigError naming the key. Registered sources (`world:...`), hub names (`owner/name`, `hf://...`) and
+    in-memory data (an empty key) are left to their loaders."""
+    for key in ("train", "eval"):
+        value = getattr(data, key, None)
+        if not value:
+            continue
+        for i, (source, _) in enumerate(train_sources(value) if key == "train" else [(value, None)]):
+            if not isinstance(source, str) or source.startswith("world:") or looks_like_hub_name(source):
+                continue
+            if not Path(source).expanduser().exists():
+                where = f"data.{key}" + (f"[{i}]" if isinstance(value, list) else "")
+                raise ConfigError(f"config key '{where}': file not found: {source}")

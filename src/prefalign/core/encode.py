@@ -311,18 +311,19 @@ def encode_data(tokenizer, records, data: DataConfig, name: str, lengths: tuple[
         names = [_record_name(records[i], i) for i in report.identical]
         shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
         what = (
-            f"{len(names)} of {len(records)} records have ranked responses that are identical after truncation "
-            f"to data.max_length {max_length} (no preference left): {shown}"
+            f"{len(names)} of {len(records)} records have ranked responses whose token ids are identical after "
+            f"tokenization and truncation to data.max_length {max_length} (no preference left): {shown}"
         )
         if data.on_bad_row != "skip":
             raise DataError(
-                f"{name}: {what}; raise data.max_length, or set data.on_bad_row: skip to drop them"
+                f"{name}: {what}; raise data.max_length, check that the tokenizer tells the responses apart "
+                "(unknown tokens), or set data.on_bad_row: skip to drop them"
             )
         logger.warning("%s: skipped %s", name, what)
         drop = set(report.identical)
         kept = [i for i in kept if i not in drop]
         if not kept:
-            raise DataError(f"{name}: no record left after dropping those identical after truncation")
+            raise DataError(f"{name}: no record left after dropping those with identical token ids")
     out = EncodedData(encoded[i] for i in kept)
     out.kept, out.report, out.lengths = kept, report, lengths
     return out

@@ -26,21 +26,27 @@ def seed_stat(values: Sequence[float]):
     return float(values[0]) if len(values) == 1 else mean_std(values)
 
 
+def pm(mean: float, std: float, digits: int = 3, signed: bool = False) -> str:
+    """`mean ± std` over seeds; the mean alone when the spread is exactly 0 (`mean_std` of one seed: a
+    report never shows a "± 0" that only means one seed was run)."""
+    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return text if std == 0 else f"{text} ± {std:.{digits}f}"
+
+
 def fmt(value, digits: int = 3) -> str:
     if (
         isinstance(value, (tuple, list))
         and len(value) == 2
         and all(isinstance(v, (int, float)) for v in value)
     ):
-        mean, std = value
-        return f"{mean:.{digits}f} ± {std:.{digits}f}"
+        return pm(*value, digits=digits)
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.{digits}f}"
     return str(value)
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str], digits: int = 3) -> str:
-    """A markdown table; a cell holding (mean, std) prints as `mean ± std`."""
+    """A markdown table; a cell holding (mean, std) prints as `mean ± std` (see `pm`)."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(fmt(row.get(c, ""), digits) for c in columns) + " |")

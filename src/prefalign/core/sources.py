@@ -23,6 +23,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from prefalign.core import console
 from prefalign.core.errors import ConfigError
 
 PREFIX = "world:"
@@ -57,6 +58,7 @@ def _load_entry_points() -> None:
     global _entry_points_loaded
     if not _entry_points_loaded:
         _entry_points_loaded = True
+        console.quiet_library_noise()  # world modules import diffusers pipelines, which log at import
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             ep.load()  # importing the world module registers its sources
 

@@ -18,8 +18,7 @@ import numpy as np
 from prefalign import runner
 from prefalign.core.config import build
 from prefalign.core.pipelines import load_trained
-from prefalign.core.report import markdown_table, mean_std, plot_bars, write_report, write_summary
-from prefalign.demos import sspo as sspo_demo
+from prefalign.core.report import markdown_table, mean_std, plot_bars, pm, write_report, write_summary
 from prefalign.methods import diffusion_dpo, sspo
 from prefalign.worlds.digits import save_grid
 from prefalign.worlds.digits_text import evaluate, judge_labelled_pairs, load_digits_text, sample_digits
@@ -28,8 +27,20 @@ ROWS = ["base", "sft", "diffusion_dpo", "diffusion_dpo_lora", "sspo"]
 
 
 def settings(quick: bool) -> dict:
-    """The SSPO demo's settings (same pairs, steps, β, bank), plus the LoRA row's."""
-    return {**sspo_demo.settings(quick), "lora_learning_rate": 1e-3, "lora_r": 8}
+    return {
+        "n_pairs": 300 if quick else 1000,  # judge-ordered pairs of base samples per seed
+        "pair_sample_steps": 10 if quick else 20,
+        "max_steps": 60 if quick else 150,
+        "batch_size": 32,
+        "learning_rate": 1e-4,
+        "beta": 2000.0,
+        "bank_size": 7,
+        "save_every": 10 if quick else 20,
+        "eval_per_class": 30 if quick else 50,
+        "eval_steps": 10 if quick else 20,  # DDIM steps of evaluation and of SSPO's reference samples
+        "lora_learning_rate": 1e-3,
+        "lora_r": 8,
+    }
 
 
 def run_seed(seed: int, s: dict, out_dir: Path, quick: bool) -> dict:
@@ -52,7 +63,7 @@ def run_seed(seed: int, s: dict, out_dir: Path, quick: bool) -> dict:
                                                "train": {"learning_rate": s["lora_learning_rate"]}}),
         "sspo": (sspo, {"model": model, "loss": {"beta": s["beta"]}, "sspo": {
             "bank": {"size": s["bank_size"], "save_every": s["save_every"]},
-            "reference_sample": {"steps": s["ref_sample_steps"]}}}),
+            "reference_sample": {"steps": s["eval_steps"]}}}),
     }  # fmt: skip
     scoring = {"samples_per_class": s["eval_per_class"], "steps": s["eval_steps"], "seed": 10_000 + seed}
     results, samples = {"base": evaluate(base, **scoring)}, {}
@@ -75,11 +86,14 @@ def run_seed(seed: int, s: dict, out_dir: Path, quick: bool) -> dict:
     return {"results": results, "samples": samples}
 
 
-def run(out_dir: Path, quick: bool = False, seeds: list[int] | None = None) -> dict:
+def run(
+    out_dir: Path, quick: bool = False, seeds: list[int] | None = None, overrides: dict | None = None
+) -> dict:
+    """The demo; `overrides` replaces settings (tests use a tiny form)."""
     seeds = seeds or ([0] if quick else [0, 1, 2])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    s, start = settings(quick), time.time()
+    s, start = {**settings(quick), **(overrides or {})}, time.time()
     load_digits_text(quick=quick)  # train (or load) the base pipeline once, before timing the methods
     per_seed = [run_seed(seed, s, out_dir, quick) for seed in seeds]
     rows = {
@@ -104,7 +118,7 @@ def run(out_dir: Path, quick: bool = False, seeds: list[int] | None = None) -> d
     )
     dpo_gain, dpo_spread = gains["diffusion_dpo"]
     verdict = (
-        f"Diffusion-DPO − base: {dpo_gain:+.3f} ± {dpo_spread:.3f} (mean ± std of the per-seed gain over "
+        f"Diffusion-DPO − base: {pm(dpo_gain, dpo_spread, signed=True)} (mean ± std of the per-seed gain over "
         f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}); LoRA: {gains['diffusion_dpo_lora'][0]:+.3f}; "
         f"SSPO (winners only): {gains['sspo'][0]:+.3f}; SFT on the winners: {gains['sft'][0]:+.3f}."
     )

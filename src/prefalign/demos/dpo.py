@@ -152,7 +152,7 @@ def run(out_dir: Path, quick: bool = False, seeds: list[int] | None = None) -> d
                     tokenizer,
                     records,
                     method,
-                    out_dir / f"seed{seed}" / method,
+                    out_dir / f"seed-{seed}" / method,
                     seed,
                     s,
                     data_file,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from prefalign.core.report import markdown_table
+from prefalign.core.report import markdown_table, pm
 
 BAR = 0.15  # a mixture error below this counts as "recovered"; above 0.8 as "not recovered"
 NOT_RECOVERED = 0.8
@@ -12,7 +12,7 @@ NOT_RECOVERED = 0.8
 
 def _per_count(ident: dict, design: str, key: str = "mixture_error") -> str:
     by = ident[design]
-    return ", ".join(f"{by[c][key]:.3f} ± {by[c][key + '_std']:.3f} at {c}" for c in by)
+    return ", ".join(f"{pm(by[c][key], by[c][key + '_std'])} at {c}" for c in by)
 
 
 def claims(summary: dict) -> list[dict]:
@@ -82,7 +82,7 @@ def claims(summary: dict) -> list[dict]:
         "reviews_mixture_recovered",
         memo["mixture_error"] < BAR,
         f"Reviews, one ternary ranking per annotator: the language-model EM's mixture error is "
-        f"{memo['mixture_error']:.3f} ± {memo['mixture_error_std']:.3f} (norm ratio {memo['norm_ratio']:.2f}, "
+        f"{pm(memo['mixture_error'], memo['mixture_error_std'])} (norm ratio {memo['norm_ratio']:.2f}, "
         f"weight error {memo['weight_error']:.3f}), ARI {memo['ari']:.3f} beside the oracle's "
         f"{memo['oracle_ari']:.3f}.",
     )

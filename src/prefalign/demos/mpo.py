@@ -23,7 +23,15 @@ import numpy as np
 from prefalign import runner
 from prefalign.core.config import build
 from prefalign.core.data import save_jsonl
-from prefalign.core.report import markdown_table, mean_std, pyplot, save_figure, write_report, write_summary
+from prefalign.core.report import (
+    markdown_table,
+    mean_std,
+    pm,
+    pyplot,
+    save_figure,
+    write_report,
+    write_summary,
+)
 from prefalign.demos import dpo as dpo_demo
 from prefalign.demos import mpo_tabular
 from prefalign.demos.mpo_tabular import best_reward_at, span, strictly_decreasing, verdict
@@ -129,7 +137,7 @@ def run(out_dir: Path, quick: bool = False, seeds: list[int] | None = None) -> d
         start_points.append(dpo_demo.world_metrics(world, reference, reference, s["eval_samples"], seed))
         for spec in specs:
             result = train_run(
-                world, reference, tokenizer, records, spec, out_dir / f"seed{seed}", seed, s, data_file
+                world, reference, tokenizer, records, spec, out_dir / f"seed-{seed}", seed, s, data_file
             )
             per_seed[spec["key"]].append(result)
     reviews = summarize_reviews(per_seed, start_points, specs, s)
@@ -260,10 +268,13 @@ def reviews_sentences(reviews: dict) -> list[str]:
     grow, beta, lam = c["dpo_kl_keeps_growing"], c["dpo_ignores_beta"], c["lambda_orders_kl"]
     below, gap, reg = c["mpo_kl_below_dpo"], c["mpo_reward_at_least_dpo_ipo"], c["regularizer_alone_moves_kl"]
     g = grow["kl_growth_second_half"]
-    dpo_growth = ", ".join(f"{m:+.2f} ± {sd:.2f} ({k})" for k, (m, sd) in g.items() if k.startswith("dpo/"))
+    dpo_growth = ", ".join(
+        f"{pm(m, sd, 2, signed=True)} ({k})" for k, (m, sd) in g.items() if k.startswith("dpo/")
+    )
     mpo_growth = [m for k, (m, _) in g.items() if k.startswith("mpo/")]
     gaps = ", ".join(
-        f"{m:+.3f} ± {sd:.3f} ({k.split('/')[1]})" for k, (m, sd) in gap["reward_gap_at_equal_kl"].items()
+        f"{pm(m, sd, signed=True)} ({k.split('/')[1]})"
+        for k, (m, sd) in gap["reward_gap_at_equal_kl"].items()
     )
     above = gap["seeds_above_over_training"]
     gaps_training = ", ".join(
@@ -275,7 +286,7 @@ def reviews_sentences(reviews: dict) -> list[str]:
     gap_verdict = (
         verdict(gap["holds"]) if gap["holds"] or not where else f"**holds only at {', '.join(where)}**"
     )
-    reg_kl = ", ".join(f"{m:.3f} ± {sd:.3f} ({k.split('/')[1]})" for k, (m, sd) in reg["kl"].items())
+    reg_kl = ", ".join(f"{pm(m, sd)} ({k.split('/')[1]})" for k, (m, sd) in reg["kl"].items())
     out = [
         f"- DPO's KL keeps growing: {verdict(grow['holds'])} (criterion: seed-mean slope > 0 at every β) — KL "
         f"growth over the second half of training, from a line fitted to its evaluations: {dpo_growth} nats "

@@ -7,7 +7,7 @@ seed; `≈`: holds when |mean difference| ≤ max(0.01, 2 × its seed std). The 
 
 from __future__ import annotations
 
-from prefalign.core.report import mean_std
+from prefalign.core.report import mean_std, pm
 
 ABOUT_EQUAL = 0.01  # score units: the smallest gap `≈` tolerates
 
@@ -118,7 +118,7 @@ def claim_lines(claims: dict) -> list[str]:
         what = f"{a} − {b} ({metric})" if a != b else f"{a}'s {metric}"
         lines.append(
             f"{claim['claim'][0].upper()}{claim['claim'][1:]}{paper}: {verdict} here — "
-            f"{what} = {mean:+.3f} ± {std:.3f} over "
+            f"{what} = {pm(mean, std, signed=True)} over "
             f"{len(claim['per_seed'])} seed(s) (per seed {seeds})."
         )
     return lines
