@@ -71,8 +71,10 @@ def test_config_and_model_errors_are_one_line(sd15, class_unet, tmp_path, monkey
         assert "\n" not in str(caught.value) and not (tmp_path / "r").exists()
         return str(caught.value)
 
+    data = tmp_path / "x.npz"  # exists (a missing data path is refused before the model: test_inputs_errors)
+    data.write_bytes(b"")
     assert "model path not found" in setup_error(
-        {"model": {"name_or_path": str(tmp_path / "nope")}, "data": {"train": "x.npz"}}
+        {"model": {"name_or_path": str(tmp_path / "nope")}, "data": {"train": str(data)}}
     )
 
     def offline(*args, **kwargs):  # what huggingface_hub raises without a network (no real request in tests)
@@ -83,7 +85,7 @@ def test_config_and_model_errors_are_one_line(sd15, class_unet, tmp_path, monkey
     with monkeypatch.context() as patched:
         patched.setattr(pipelines.StableDiffusionPipeline, "load_config", offline)
         assert "could not read 'someone/no-such-pipeline' from the hub: We couldn't connect" in setup_error(
-            {"model": {"name_or_path": "someone/no-such-pipeline"}, "data": {"train": "x.npz"}}
+            {"model": {"name_or_path": "someone/no-such-pipeline"}, "data": {"train": str(data)}}
         )
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "labels.npz", chosen=rng.random((4, 3, 16, 16), dtype=np.float32),
