@@ -195,6 +195,7 @@ def test_console_of_a_short_run(tmp_path, tiny_lm, pairs_file):
     assert rows["steps"].startswith("6 optimizer steps x 4 records") and "0.667 epochs of 36" in rows["steps"]
     assert rows["loss"] == "dpo (beta 0.1, label_smoothing 0)"
     assert rows["device"].startswith("cpu (1 process)") and rows["packing"].startswith("on")
+    assert "attention path '" in rows["packing"] and out.startswith("prefalign: dpo ->")  # nothing above it
     steps = re.findall(r"^step (\d)/6 +loss \S+ +acc \S+ +margin \S+ +grad \S+ +lr \S+", out, flags=re.M)
     assert steps == ["2", "4", "6"]
     assert re.search(r"^eval at step 6: +loss \S+ +acc", out, flags=re.M)

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from prefalign.core import console
+from prefalign.core import console, packing
 from prefalign.core.checkpoint import checkpoints
 from prefalign.core.config import apply_overrides, apply_renames, build, load_yaml, loss_options, to_dict
 from prefalign.core.data_mix import check_sources_exist
@@ -185,7 +185,8 @@ def run(cfg, **inputs) -> RunResult:
             _write_config(run_dir, cfg)
             _record_world(run_dir, cfg)
         ctx = RunContext(cfg, run_dir, accelerator)
-        job = module.setup(cfg, ctx, **inputs)
+        with packing.announce_later():  # the start block names the attention path
+            job = module.setup(cfg, ctx, **inputs)
     except BaseException:
         if created and console.is_main_process():  # a run that never started leaves nothing behind
             shutil.rmtree(run_dir, ignore_errors=True)

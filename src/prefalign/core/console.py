@@ -18,6 +18,8 @@ import warnings
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
+from prefalign.core import packing
+
 # metric name -> short label, in the order lines show them (any other numeric metric follows, up to a few)
 MAIN_METRICS = {
     "loss": "loss",
@@ -239,6 +241,8 @@ def lm_rows(
         rows["packing"] = (
             "on (data.packing: true): padding-free rows, each prompt once; checked equal to padded batches"
         )
+        if packing.paths_used():
+            rows["packing"] += f"; attention path {packing.paths_used()}"
     elif cfg.data.packing:
         rows["packing"] = (
             "off: this model cannot run the packed layout (see the line above); right-padded batches"

@@ -154,15 +154,39 @@ def _flex():
 _FLEX = None
 
 
+_PATH_TEXT = {
+    "flex": "flex_attention, one kernel",
+    "blocks": "records batched",
+    "loop": "one call per record",
+}
+_DEFER = contextvars.ContextVar("prefalign_defer_path_lines", default=False)
+
+
 def _announce(path: str) -> None:
+    """Name each attention path once per process: on stderr, or (inside `announce_later`) in the run's start
+    block, which reads `paths_used`."""
     if path not in _ANNOUNCED:
         _ANNOUNCED.add(path)
-        how = {
-            "flex": "flex_attention, one kernel",
-            "blocks": "records batched",
-            "loop": "one call per record",
-        }
-        print(f"packing: packed attention path '{path}' ({how[path]})", file=sys.stderr, flush=True)
+        if not _DEFER.get():
+            print(
+                f"packing: packed attention path '{path}' ({_PATH_TEXT[path]})", file=sys.stderr, flush=True
+            )
+
+
+@contextlib.contextmanager
+def announce_later():
+    """Paths first used inside this block (a run's set-up: `check_packing`) are not printed; the runner's
+    start block names them (`paths_used`), so nothing is printed above the run's header."""
+    token = _DEFER.set(True)
+    try:
+        yield
+    finally:
+        _DEFER.reset(token)
+
+
+def paths_used() -> str:
+    """The packed attention paths this process has used, as the console names them ('' if none)."""
+    return ", ".join(f"'{p}' ({_PATH_TEXT[p]})" for p in PATHS if p in _ANNOUNCED)
 
 
 # ------------------------------------------------------------------ the mask function
