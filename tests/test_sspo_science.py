@@ -248,7 +248,8 @@ def test_sspo_demo_tiny_form_writes_every_row_and_claim(tmp_path):
             "multi_draw_sign_beats_one_draw", "best_row"} <= claims.keys()  # fmt: skip
     assert all(isinstance(c["holds"], bool) and len(c["per_seed"]) == 1 for c in claims.values())
     report = (tmp_path / "demo" / "report.md").read_text()
-    assert sum(line.startswith("- ") and "here —" in line for line in report.splitlines()) == len(claims)
+    one_seed = "in this one seed (`--seeds 3` for a spread) —"  # no "holds here" on a single seed's gap
+    assert sum(line.startswith("- ") and one_seed in line for line in report.splitlines()) == len(claims)
     saved = runner.config_of(tmp_path / "demo" / "seed-0" / "sspo_sign")
     assert saved.sspo.reference_sample.steps == tiny["sample_steps"] and saved.sspo.sign_check_draws == 2
     assert runner.config_of(tmp_path / "demo" / "seed-0" / "sspo_sign_multi").sspo.sign_draws == 2

@@ -293,13 +293,16 @@ def build_loss(section, registry: dict, consumed: tuple[str, ...] = ()):
     takes = loss_options(fn)
     given = {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.name != "name"}
     given = {k: v for k, v in given.items() if v is not None}
-    for key in given:
-        if key not in takes and key not in consumed:
-            options = ", ".join(sorted(set(takes) | set(consumed))) or "none"
-            raise ConfigError(
-                f"config key 'loss.{key}': loss '{name}' has no option '{key}' (its options: {options}); "
-                f"remove it from the config or add --set loss.{key}=null"
-            )
+    extra = [key for key in given if key not in takes and key not in consumed]
+    if extra:  # every such key in one message, so one edit fixes the config
+        options = ", ".join(sorted(set(takes) | set(consumed))) or "none"
+        keys = ", ".join(f"'loss.{key}'" for key in extra)
+        has_no = " or ".join(f"'{key}'" for key in extra)
+        drop = " ".join(f"--set loss.{key}=null" for key in extra)
+        raise ConfigError(
+            f"config key {keys}: loss '{name}' has no option {has_no} (its options: {options}); "
+            f"remove {'them' if len(extra) > 1 else 'it'} from the config or add {drop}"
+        )
     return name, fn, {k: v for k, v in given.items() if k in takes}
 
 

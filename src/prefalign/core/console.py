@@ -143,6 +143,11 @@ NOISY_LOGS = {  # logger -> fragments of messages it logs that tell a user nothi
         # a model without `loss_type` (GPT-2) computing its own LM loss: transformers uses the right default
         "`loss_type=None` was set in the config but it is unrecognized",
     ),
+    "diffusers.loaders.lora_base": (
+        # loading a UNet-only LoRA (what prefalign saves) into an SD pipeline: the text encoder has no LoRA keys,
+        # as intended
+        "No LoRA keys associated to",
+    ),
     "transformers.utils.import_utils": (
         # importing diffusers' SD pipelines without torchvision: CLIP/SigLIP image processors fall back to PIL,
         # which is all prefalign uses them for (no image goes through them)
@@ -158,7 +163,8 @@ def quiet_library_noise() -> None:
     - transformers: the `is_gradient_checkpointing` deprecation (raised inside peft, not our call), and the
       messages of NOISY_LOGS (also the image processors' torchvision fallback logged when the world modules
       import diffusers' pipelines: `sources` calls this before loading them);
-    - transformers' "Loading weights" / "Writing model shards" bars when not on a terminal."""
+    - transformers' "Loading weights" / "Writing model shards" and diffusers' "Loading pipeline components"
+      bars when not on a terminal."""
     warnings.filterwarnings("ignore", message=r"fan_in_fan_out is set to False", category=UserWarning)
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*is deprecated")
     for name, starts in NOISY_LOGS.items():
@@ -167,6 +173,9 @@ def quiet_library_noise() -> None:
             logger.addFilter(_DropMessages(starts))
     if not bars():
         hf_logging.disable_progress_bar()
+        from diffusers.utils import logging as diffusers_logging  # heavy optional import: only off a terminal
+
+        diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars in log files
 
 
 def data_rows(data_cfg, records, eval_records, seed: int) -> dict[str, str]:

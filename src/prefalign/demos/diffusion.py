@@ -117,10 +117,11 @@ def run(
         ["method", "score", "diversity", "gain over base"],
     )
     dpo_gain, dpo_spread = gains["diffusion_dpo"]
+    over = f"mean ± std of the per-seed gain over {len(seeds)} seeds" if len(seeds) > 1 else "one seed"
     verdict = (
-        f"Diffusion-DPO − base: {pm(dpo_gain, dpo_spread, signed=True)} (mean ± std of the per-seed gain over "
-        f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}); LoRA: {gains['diffusion_dpo_lora'][0]:+.3f}; "
-        f"SSPO (winners only): {gains['sspo'][0]:+.3f}; SFT on the winners: {gains['sft'][0]:+.3f}."
+        f"Diffusion-DPO − base: {pm(dpo_gain, dpo_spread, signed=True)} ({over}); "
+        f"LoRA: {gains['diffusion_dpo_lora'][0]:+.3f}; SSPO (winners only): {gains['sspo'][0]:+.3f}; "
+        f"SFT on the winners: {gains['sft'][0]:+.3f}."
     )
     grids = "\n".join(f"**{r}**\n\n![{r}](samples_{r}.png)\n" for r in ROWS)
     write_report(out_dir, "Diffusion-DPO on a text-to-image pipeline (digits world)", [

@@ -17,7 +17,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
-from prefalign.core import sources
+from prefalign.core import console, sources
 from prefalign.core.diffusion import draw_timesteps_and_noise, noise_pred_error, sample
 from prefalign.core.images import to_model_space, to_pixel_space
 from prefalign.worlds.digits import load_digits_split, make_world
@@ -78,9 +78,7 @@ def train_digits_ddpm(cfg: DigitsDDPMConfig, progress: bool = True) -> tuple[UNe
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     lr_at = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.steps)
     unet.train()
-    bar = tqdm(
-        range(cfg.steps), desc="digits DDPM", disable=None if progress else True, leave=False
-    )  # None: no bar off a terminal
+    bar = tqdm(range(cfg.steps), desc="digits DDPM", disable=not (progress and console.bars()), leave=False)
     for _ in bar:
         idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=generator)
         x0, labels = x_all[idx], y_all[idx]
@@ -102,6 +100,10 @@ def load_digits_ddpm(quick: bool = False, cfg: DigitsDDPMConfig | None = None, p
     cfg = cfg or (QUICK_DDPM if quick else DigitsDDPMConfig())
     path = sources.cache_root() / "digits_ddpm" / cfg.key()
     if not (path / "unet" / "config.json").is_file():
+        name = "world:digits" + ("-quick" if cfg == QUICK_DDPM else "")
+        console.say(
+            f"{name}: first use on this machine: training its DDPM ({cfg.steps} steps), cached in {path}"
+        )
         unet, scheduler = train_digits_ddpm(cfg, progress=progress)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))

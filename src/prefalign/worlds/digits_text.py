@@ -26,7 +26,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from prefalign.core import sources
+from prefalign.core import console, sources
 from prefalign.core.conditioning import Conditioner
 from prefalign.core.diffusion import draw_timesteps_and_noise, noise_pred_error, row_generators, sample
 from prefalign.core.images import to_model_space, to_pixel_space
@@ -121,7 +121,7 @@ def _train(module, steps: int, lr: float, loss_fn, desc: str, progress: bool) ->
     optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     module.train()
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    bar = tqdm(range(steps), desc=desc, disable=not (progress and console.bars()), leave=False)
     for step in bar:
         loss = loss_fn(step)
         optimizer.zero_grad(set_to_none=True)
@@ -196,6 +196,10 @@ def pipeline_path(quick: bool = False, cfg: DigitsTextConfig | None = None, prog
     cfg = cfg or (QUICK_TEXT if quick else DigitsTextConfig())
     path = sources.cache_root() / "digits_text" / cfg.key()
     if not (path / "model_index.json").is_file():
+        name = "world:digits-text" + ("-quick" if cfg == QUICK_TEXT else "")
+        console.say(
+            f"{name}: first use on this machine: training its VAE, text encoder and UNet, cached in {path}"
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tmp-"))
         build_pipeline(cfg, tmp, progress)
