@@ -250,8 +250,9 @@ def lm_rows(
         rows["packing"] = (
             "on (data.packing: true): padding-free rows, each prompt once; checked equal to padded batches"
         )
-        if packing.paths_used():
-            rows["packing"] += f"; attention path {packing.paths_used()}"
+        paths = packing.paths_used()
+        if paths:
+            rows["packing"] += f"; attention path {paths}"
     elif cfg.data.packing:
         rows["packing"] = (
             "off: this model cannot run the packed layout (see the line above); right-padded batches"
