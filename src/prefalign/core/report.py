@@ -19,13 +19,6 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
 
 
-def seed_stat(values: Sequence[float]):
-    """What a table cell shows for one number per seed: the value alone for one seed (there is no spread to
-    show), else (mean, sample std), printed `mean ± std`."""
-    values = list(values)
-    return float(values[0]) if len(values) == 1 else mean_std(values)
-
-
 def pm(mean: float, std: float, digits: int = 3, signed: bool = False) -> str:
     """`mean ± std` over seeds; the mean alone when the spread is exactly 0 (`mean_std` of one seed: a
     report never shows a "± 0" that only means one seed was run)."""

@@ -14,7 +14,6 @@ from prefalign.core.report import (
     markdown_table,
     mean_std,
     plot_lines,
-    seed_stat,
     write_report,
     write_summary,
 )
@@ -170,7 +169,7 @@ def seed_columns(per_seed: dict, keys, summary: dict) -> list[dict]:
         summary[method] = {k: stats[k][0] for k in keys}
         summary[method].update({f"{k}_std": stats[k][1] if len(results) > 1 else None for k in keys})
         summary[method]["per_seed"] = [{k: r[k] for k in keys} for r in results]
-        rows.append({"method": method, **{k: seed_stat([r[k] for r in results]) for k in keys}})
+        rows.append({"method": method, **stats})  # one seed: std 0, printed as the mean alone (`report.pm`)
     return rows
 
 
