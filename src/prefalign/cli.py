@@ -47,6 +47,14 @@ def _runner():
     return runner
 
 
+def _say_threads() -> None:
+    from prefalign.core import console
+
+    line = console.threads_for_tiny_models()
+    if line and console.is_main_process():
+        typer.echo(line)
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -85,10 +93,16 @@ def train(
     The console shows what will run (model, data, split, device, steps), a line of metrics every train.log_every steps (a progress bar too, on a terminal) and where everything was written."""
     try:
         runner = _runner()
-        result = runner.run(runner.load_config(config, set_))
+        cfg = runner.load_config(config, set_)
+        if str(getattr(cfg.model, "name_or_path", "")).startswith("world:"):
+            _say_threads()
+        result = runner.run(cfg)
     except UserError as e:
         _fail(str(e))
-    typer.echo(f"run directory: {result.run_dir}")
+    from prefalign.core import console
+
+    if console.is_main_process():  # under accelerate launch / torchrun every process gets here
+        typer.echo(f"run directory: {result.run_dir}")
 
 
 def _method(name: str) -> str:
@@ -100,7 +114,10 @@ def _method(name: str) -> str:
 
 # what `prefalign init` writes for keys a user must fill in: {key: (placeholder, comment)}
 LM_REQUIRED = {
-    "model.name_or_path": ("Qwen/Qwen2.5-0.5B-Instruct", "a local model folder, a hub id or world:NAME"),
+    "model.name_or_path": (
+        "./my-model",
+        "a local model folder, a hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct; downloads) or world:reviews",
+    ),
     "data.train": (
         "my_prefs.jsonl",
         "preference data (.jsonl/.json/.parquet/.csv, datasets folder, hub name)",
@@ -186,6 +203,7 @@ def demo(
         if demo_name not in DEMOS:
             _fail(f"unknown demo '{demo_name}'; choose one of: {', '.join(DEMOS)}, all")
     n_seeds = seeds or (1 if quick else 3)
+    _say_threads()
     for demo_name in names:
         out_dir = out or Path("runs") / f"demo-{demo_name}{'-quick' if quick else ''}"
         if name == "all" and out is not None:
