@@ -115,7 +115,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None):
     shown = ", ".join(f"loss.{k} {v}" for k, v in dropped.items())
     logger.warning(
         f"note: --set loss.name={merged['loss']['name']}: {path}'s {shown} left out ({merged['loss']['name']} "
-        "does not take it)"
+        f"does not take {'them' if len(dropped) > 1 else 'it'})"
     )
     return build_config(merged, str(path))
 
