@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from inputs_tiny import byte_bpe, dpo_config, gpt2, save, write_config, write_jsonl
+from inputs_tiny import byte_bpe, dpo_config, gpt2, one_error_line, save, write_config, write_jsonl
 from prefalign import runner
 from prefalign.cli import app
 from prefalign.core import console
@@ -34,14 +34,6 @@ def train(tmp_path, cfg, *sets):
     for item in sets:
         args += ["--set", item]
     return CliRunner().invoke(app, args)
-
-
-def one_error_line(result, *needles):
-    assert result.exit_code == 2, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in result.output, result.output
-    assert all(n in errors[0] for n in needles), errors[0]
-    return errors[0]
 
 
 def test_output_dir_naming_a_file_is_one_line(tmp_path, model_and_data):
