@@ -1,12 +1,16 @@
 # Two commands do everything on a fresh clone:
 #   make demo   # set up .venv, then run `prefalign demo` (the embedded default: DPO on the reviews world)
-#   make test   # set up .venv, then run the test suite
-.PHONY: setup demo test lint
+#   make test   # set up .venv, then run the test suite in its quick form (what CI runs)
+# make test-full runs the slow end-to-end checks in their full form (much longer; see README).
+.PHONY: setup demo test test-full lint
 setup:
 	bash scripts/bootstrap.sh
 demo: setup
 	.venv/bin/prefalign demo $(ARGS)
 test: setup
-	.venv/bin/python -m pytest -q $(ARGS)
+	PREFALIGN_QUICK=1 .venv/bin/python -m pytest -q $(ARGS)
+test-full: setup
+	PREFALIGN_QUICK= .venv/bin/python -m pytest -q $(ARGS)
 lint: setup
 	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/ruff format --check src tests benchmarks

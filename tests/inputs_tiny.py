@@ -156,3 +156,12 @@ def train(cfg: dict, **inputs):
 
     result = runner.run(runner.build_config(cfg), **inputs)
     return result.history[0]
+
+
+def one_error_line(result, *needles):
+    """A CLI result that failed with exactly one `error:` line (exit 2, no traceback) containing `needles`."""
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert all(n in errors[0] for n in needles), errors[0]
+    return errors[0]

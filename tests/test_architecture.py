@@ -13,6 +13,9 @@ LAYERS = ["core", "losses", "methods", "runner", "worlds", "demos", "cli"]
 # the package root re-exports the runner on demand (lazily, or every `import prefalign.core.x` would load
 # the runner); the compat finder resolves old names at run time. Both are documented in their files.
 EXEMPT = {"prefalign", "prefalign._compat", "prefalign.__main__"}
+# the command line is the top layer (its imports point down by definition); it imports the runner inside the
+# commands that need it so that `prefalign --help` starts without torch (tests/test_cli.py times it)
+LAZY_IMPORTS = {"prefalign.cli"}
 
 
 def module_name(path: Path) -> str:
@@ -104,7 +107,7 @@ def test_no_internal_import_hides_in_a_function():
     hidden = [
         f"{m}: line {line} imports {target}"
         for m, edges in GRAPH.items()
-        if m not in EXEMPT
+        if m not in EXEMPT | LAZY_IMPORTS
         for target, line, inside in edges
         if inside
     ]

@@ -4,6 +4,8 @@ short run, and trackers that fail fast with the pip command."""
 
 import dataclasses
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,21 @@ def test_train_help_says_where_every_key_is_described():
     for needle in ("--set", "prefalign config METHOD", "prefalign init METHOD", "log_every"):
         assert needle in text, needle
     assert all(method in text for method in runner.METHODS)
+
+
+def test_help_starts_without_torch():
+    """`prefalign --help` and `train --help` import neither torch nor transformers (they cost seconds); the
+    command's method names are the runner's."""
+    import prefalign.cli
+
+    assert prefalign.cli.METHODS == tuple(runner.METHODS)
+    code = (
+        "import sys; from typer.testing import CliRunner; from prefalign.cli import app; "
+        "r = CliRunner().invoke(app, ['train', '--help']); assert r.exit_code == 0, r.output; "
+        "heavy = [m for m in ('torch', 'transformers', 'accelerate', 'peft', 'diffusers') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @dataclasses.dataclass

@@ -5,7 +5,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from inputs_tiny import byte_bpe, dpo_config, gpt2, save, write_config, write_jsonl
+from inputs_tiny import byte_bpe, dpo_config, gpt2, one_error_line, save, write_config, write_jsonl
 from prefalign.cli import app
 
 torch.set_num_threads(1)
@@ -22,14 +22,6 @@ def model_and_data(tmp_path_factory):
     save(bad, tok, root / "nan-model")
     rows = [{"prompt": f"Q{i}: is water wet?", "chosen": " yes it is.", "rejected": " no."} for i in range(4)]
     return root, write_jsonl(root / "pairs.jsonl", rows)
-
-
-def one_error_line(result, *needles):
-    assert result.exit_code == 2, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in result.output, result.output
-    assert all(n in errors[0] for n in needles), errors[0]
-    return errors[0]
 
 
 def test_non_finite_loss_is_one_line(tmp_path, model_and_data):

@@ -1,5 +1,8 @@
 """The `prefalign` command: train, eval, export, config, init, demo (and method-specific verbs). Every user
-error is one `error:` line and exit code 2."""
+error is one `error:` line and exit code 2.
+
+This module imports only typer at start: the runner (torch, transformers, accelerate) is imported by the
+commands that use it, so `prefalign --help` answers at once."""
 
 from __future__ import annotations
 
@@ -12,13 +15,8 @@ from typing import Annotated
 
 import typer
 
-from prefalign import __version__, runner
-from prefalign.core import console
-from prefalign.core.config import loss_options
-from prefalign.core.config_doc import key_table, starter_yaml
+from prefalign import __version__
 from prefalign.core.errors import UserError
-from prefalign.methods import mpo
-from prefalign.methods.em_dpo.aggregate import aggregate_run
 
 app = typer.Typer(
     add_completion=False,
@@ -27,7 +25,8 @@ app = typer.Typer(
     help="Align generative models to preferences.",
 )
 
-METHODS = runner.METHODS
+# the names of runner.METHODS (tests/test_cli.py checks they agree), kept here so that --help needs no torch
+METHODS = ("dpo", "mpo", "em_dpo", "pfm", "diffusion_dpo", "sspo")
 # demo name -> module exposing run(out_dir, quick, seeds) -> summary
 DEMOS = {
     "dpo": "prefalign.demos.dpo",
@@ -37,6 +36,23 @@ DEMOS = {
     "sspo": "prefalign.demos.sspo",
     "diffusion": "prefalign.demos.diffusion",
 }
+
+
+def _runner():
+    """The runner, imported on first use (it loads torch, transformers and accelerate: seconds)."""
+    from prefalign import runner
+    from prefalign.core import console
+
+    console.quiet_library_noise()
+    return runner
+
+
+def _say_threads() -> None:
+    from prefalign.core import console
+
+    line = console.threads_for_tiny_models()
+    if line and console.is_main_process():
+        typer.echo(line)
 
 
 def _fail(message: str) -> None:
@@ -76,10 +92,17 @@ def train(
 
     The console shows what will run (model, data, split, device, steps), a line of metrics every train.log_every steps (a progress bar too, on a terminal) and where everything was written."""
     try:
-        result = runner.run(runner.load_config(config, set_))
+        runner = _runner()
+        cfg = runner.load_config(config, set_)
+        if str(getattr(cfg.model, "name_or_path", "")).startswith("world:"):
+            _say_threads()
+        result = runner.run(cfg)
     except UserError as e:
         _fail(str(e))
-    typer.echo(f"run directory: {result.run_dir}")
+    from prefalign.core import console
+
+    if console.is_main_process():  # under accelerate launch / torchrun every process gets here
+        typer.echo(f"run directory: {result.run_dir}")
 
 
 def _method(name: str) -> str:
@@ -91,7 +114,10 @@ def _method(name: str) -> str:
 
 # what `prefalign init` writes for keys a user must fill in: {key: (placeholder, comment)}
 LM_REQUIRED = {
-    "model.name_or_path": ("Qwen/Qwen2.5-0.5B-Instruct", "a local model folder, a hub id or world:NAME"),
+    "model.name_or_path": (
+        "./my-model",
+        "a local model folder, a hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct; downloads) or world:reviews",
+    ),
     "data.train": (
         "my_prefs.jsonl",
         "preference data (.jsonl/.json/.parquet/.csv, datasets folder, hub name)",
@@ -129,7 +155,10 @@ REQUIRED = {
 def config_(method: Annotated[str, typer.Argument(help=f"one of: {', '.join(METHODS)}")]):
     """Print every key of METHOD's config: dotted key, type, default, meaning."""
     method = _method(method)
-    module = runner.method_module(method)
+    from prefalign.core.config import loss_options
+    from prefalign.core.config_doc import key_table
+
+    module = _runner().method_module(method)
     typer.echo(
         f"{method}: every config key (set it in the YAML, or with --set key=value)\n"
         "key, type, default (null: unset), meaning\n"
@@ -152,7 +181,9 @@ def init(method: Annotated[str, typer.Argument(help=f"one of: {', '.join(METHODS
         "Fill in the REQUIRED keys, delete what you do not change, then: prefalign train THIS.yaml\n"
         f"Types and defaults: prefalign config {method}"
     )
-    module = runner.method_module(method)
+    from prefalign.core.config_doc import starter_yaml
+
+    module = _runner().method_module(method)
     text = starter_yaml(module.Config, header, REQUIRED[method], skip=set(getattr(module, "RENAMES", {})))
     typer.echo(text, nl=False)
 
@@ -172,10 +203,12 @@ def demo(
         if demo_name not in DEMOS:
             _fail(f"unknown demo '{demo_name}'; choose one of: {', '.join(DEMOS)}, all")
     n_seeds = seeds or (1 if quick else 3)
+    _say_threads()
     for demo_name in names:
         out_dir = out or Path("runs") / f"demo-{demo_name}{'-quick' if quick else ''}"
         if name == "all" and out is not None:
             out_dir = out / demo_name
+        _runner()  # library noise quieted before the demo's imports
         module = importlib.import_module(DEMOS[demo_name])
         try:
             module.run(Path(out_dir), quick=quick, seeds=list(range(n_seeds)))
@@ -198,7 +231,7 @@ def eval_(
     """Evaluate a trained run: held-out preference metrics (any --data), the world's ground truth when the
     run started in one, and samples -> RUN_DIR/eval.json + RUN_DIR/eval.md."""
     try:
-        result = runner.evaluate(run_dir, data=data, samples=samples)
+        result = _runner().evaluate(run_dir, data=data, samples=samples)
     except UserError as e:
         _fail(str(e))
     if as_json:
@@ -207,6 +240,8 @@ def eval_(
     for note in result.get("notes", []):
         typer.echo(note)
     numbers = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    from prefalign.core import console
+
     typer.echo(console.block("results", {k: console.number(v) for k, v in numbers.items()}))
     for sample in result.get("samples", []):
         typer.echo(
@@ -229,7 +264,7 @@ def export(
 ):
     """Write the run's model as a folder `from_pretrained` opens (with its model card, README.md)."""
     try:
-        what = runner.export(run_dir, out, merge_lora=merge_lora, step=step)
+        what = _runner().export(run_dir, out, merge_lora=merge_lora, step=step)
     except UserError as e:
         _fail(str(e))
     typer.echo(f"exported {what} to {out}")
@@ -244,9 +279,11 @@ def mpo_regdata(
 ):
     """Sample the reference once on the training prompts: MPO's regularization set (resumable)."""
     try:
-        cfg = runner.load_config(config, set_)
+        cfg = _runner().load_config(config, set_)
         if cfg.method != "mpo":
             _fail(f"{config}: mpo-regdata needs a config with method: mpo")
+        from prefalign.methods import mpo
+
         path = mpo.make_regularization_data(cfg)
     except UserError as e:
         _fail(str(e))
@@ -262,7 +299,9 @@ def aggregate(
 ):
     """Min-max-regret aggregation of an EM-DPO mixture into one fair policy (RUN_DIR/mixture)."""
     try:
-        runner.config_of(run_dir)
+        _runner().config_of(run_dir)
+        from prefalign.methods.em_dpo.aggregate import aggregate_run
+
         result = aggregate_run(run_dir, n_prompts=prompts, n_samples=samples, solver=solver)
     except UserError as e:
         _fail(str(e))
@@ -271,7 +310,6 @@ def aggregate(
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    console.quiet_library_noise()
     app(prog_name="prefalign")
 
 

@@ -20,6 +20,8 @@ import dataclasses
 import importlib
 import inspect
 import json
+import logging
+import math
 import os
 import shutil
 import time
@@ -37,6 +39,8 @@ from prefalign.core.errors import ConfigError
 from prefalign.core.export import export_checkpoint, export_final, record_base_model
 from prefalign.core.report import eval_markdown, model_card, write_summary
 from prefalign.core.train import FitResult, fit, make_accelerator, total_steps, unwrap
+
+logger = logging.getLogger(__name__)
 
 METHODS = {
     "dpo": "prefalign.methods.dpo",
@@ -90,8 +94,30 @@ def build_config(data: dict, where: str = "config"):
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None):
-    """Read CONFIG.yaml (+ `key=value` overrides) into its method's Config; every key is checked here."""
-    return build_config(apply_overrides(load_yaml(path), overrides), str(path))
+    """Read CONFIG.yaml (+ `key=value` overrides) into its method's Config; every key is checked here.
+
+    A recipe's loss options belong to its loss: after `--set loss.name=sft` on a DPO recipe, the file's
+    `loss.beta` (which sft does not take) is dropped with one line saying so. An option the chosen loss does
+    not take that was given with --set stays an error."""
+    data = load_yaml(path)
+    merged = apply_overrides(data, overrides)
+    try:
+        return build_config(merged, str(path))
+    except ConfigError as e:
+        dropped = getattr(e, "options_not_taken", {})
+        set_keys = {item.split("=", 1)[0].strip() for item in overrides or []}
+        renamed = "loss.name" in set_keys and (data.get("loss") or {}).get("name") != merged["loss"].get(
+            "name"
+        )
+        if not dropped or not renamed or any(f"loss.{key}" in set_keys for key in dropped):
+            raise
+    merged["loss"] = {k: v for k, v in merged["loss"].items() if k not in dropped}
+    shown = ", ".join(f"loss.{k} {v}" for k, v in dropped.items())
+    logger.warning(
+        f"note: --set loss.name={merged['loss']['name']}: {path}'s {shown} left out ({merged['loss']['name']} "
+        f"does not take {'them' if len(dropped) > 1 else 'it'})"
+    )
+    return build_config(merged, str(path))
 
 
 def config_of(run_dir: str | Path):
@@ -133,6 +159,42 @@ def check_resumable(run_dir: Path, cfg) -> None:
             "train.resume: false (its checkpoints are then ignored and overwritten); or choose another "
             "train.output_dir"
         )
+    note = schedule_note(saved, now)
+    if note:
+        logger.warning(note)
+
+
+def schedule_note(saved: dict, now: dict) -> str | None:
+    """A resumed run whose length changed (train.max_steps / train.epochs): its learning-rate schedule is
+    rebuilt for the new length from the next step on, said in one line (silently, the two schedules join)."""
+    changed = [k for k in ("train.max_steps", "train.epochs") if saved.get(k) != now.get(k)]
+    if not changed:
+        return None
+    what = ", ".join(f"{k} {saved.get(k)} -> {now.get(k)}" for k in changed)
+    return (
+        f"note: resuming with {what}: the {now.get('train.lr_scheduler')} learning-rate schedule (warmup "
+        f"{now.get('train.warmup_steps')}) is rebuilt for the new length and continues from the checkpoint's "
+        "step, so the steps already taken followed the old one; set train.resume: false to train from scratch"
+    )
+
+
+def check_output_dir(run_dir: Path) -> None:
+    """`train.output_dir` is a folder this process can write (made if missing): a config error naming the key
+    otherwise, before any work."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(
+            f"config key 'train.output_dir': {run_dir} is a file, not a folder; choose another output_dir"
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"config key 'train.output_dir': cannot write to {run_dir} ({e.strerror or e}); choose a folder "
+            "you can write to"
+        ) from None
 
 
 def _write_config(run_dir: Path, cfg) -> None:
@@ -178,6 +240,7 @@ def run(cfg, **inputs) -> RunResult:
     talk = cfg.train.progress
     console.quiet_library_noise()
     try:
+        check_output_dir(run_dir)
         accelerator = make_accelerator(cfg.train)
         check_resumable(run_dir, cfg)
         check_sources_exist(cfg.data)
@@ -193,6 +256,8 @@ def run(cfg, **inputs) -> RunResult:
         raise
     if talk:
         console.say(start_block(cfg, job, accelerator, run_dir))
+    found = checkpoints(run_dir) if cfg.train.resume else []
+    resumed_at = int(found[-1].name.split("-")[1]) if found else 0
     started = time.time()
     if job.train is not None:
         result: FitResult = job.train(ctx)
@@ -211,7 +276,8 @@ def run(cfg, **inputs) -> RunResult:
         write_summary(run_dir, summary)
         if talk:
             options = inspect.signature(module.evaluate_run).parameters
-            console.say(closing_block(summary, run_dir, time.time() - started, options))
+            reused = resumed_at >= summary.get("steps", 0) > 0 and job.train is None
+            console.say(closing_block(summary, run_dir, time.time() - started, options, reused))
     accelerator.wait_for_everyone()
     return RunResult(run_dir, model, result.history, summary)
 
@@ -255,7 +321,8 @@ def start_block(cfg, job, accelerator, run_dir: Path) -> str:
     if job.dataset is not None:
         steps = total_steps(t, len(job.dataset), n_proc)
         per_step = t.batch_size * t.grad_accum * n_proc
-        epochs = steps * per_step / len(job.dataset)
+        # as metrics.jsonl counts them: micro-batches over micro-batches per epoch (the last one may be short)
+        epochs = steps * t.grad_accum * n_proc / math.ceil(len(job.dataset) / t.batch_size)
         rows["steps"] = (
             f"{steps} optimizer steps x {per_step} records (batch {t.batch_size} x grad_accum {t.grad_accum} "
             f"x {n_proc} process{'es' if n_proc > 1 else ''}) = {epochs:.3g} epochs of {len(job.dataset)}; "
@@ -293,9 +360,10 @@ def _loss_text(section, losses: dict) -> str:
     return section.name + (f" ({shown})" if shown else "")
 
 
-def closing_block(summary: dict, run_dir: Path, seconds: float, eval_options=()) -> str:
+def closing_block(summary: dict, run_dir: Path, seconds: float, eval_options=(), reused=False) -> str:
     """The end of a run: last training and eval metrics, where everything was written, what to run next
-    (`eval_options`: the options the method's `prefalign eval` takes)."""
+    (`eval_options`: the options the method's `prefalign eval` takes; `reused`: the run directory held a
+    finished run, so nothing was trained)."""
     final = run_dir / "final"
     rows = {}
     if summary.get("final"):
@@ -309,7 +377,13 @@ def closing_block(summary: dict, run_dir: Path, seconds: float, eval_options=())
     rows["files"] = f"{run_dir}/  metrics.jsonl, summary.json, config.yaml, checkpoints/"
     samples = " --samples 4" if "samples" in eval_options else ""
     rows["next"] = f"prefalign eval {run_dir}{samples};  prefalign export {run_dir} OUT_DIR"
-    return console.block(f"done: {_steps(summary.get('steps', 0))} in {seconds:.1f} s", rows)
+    title = f"done: {_steps(summary.get('steps', 0))} in {seconds:.1f} s"
+    if reused:
+        title = (
+            f"done: {run_dir} already held this finished run ({_steps(summary.get('steps', 0))}); nothing was "
+            "trained (train.resume: false trains it again)"
+        )
+    return console.block(title, rows)
 
 
 def evaluate(run_dir: str | Path, **options) -> dict:

@@ -299,10 +299,12 @@ def build_loss(section, registry: dict, consumed: tuple[str, ...] = ()):
         keys = ", ".join(f"'loss.{key}'" for key in extra)
         has_no = " or ".join(f"'{key}'" for key in extra)
         drop = " ".join(f"--set loss.{key}=null" for key in extra)
-        raise ConfigError(
+        error = ConfigError(
             f"config key {keys}: loss '{name}' has no option {has_no} (its options: {options}); "
             f"remove {'them' if len(extra) > 1 else 'it'} from the config or add {drop}"
         )
+        error.options_not_taken = {key: given[key] for key in extra}  # for runner.load_config
+        raise error
     return name, fn, {k: v for k, v in given.items() if k in takes}
 
 

@@ -34,6 +34,19 @@ MAIN_METRICS = {
 MAX_EXTRA = 3  # other metrics shown when a method logs none of the main ones
 
 
+def threads_for_tiny_models() -> str | None:
+    """One torch intra-op thread for the built-in worlds' tiny models, unless OMP_NUM_THREADS says otherwise;
+    returns the console line saying so (None when the user chose). Their matrices are too small to split:
+    more threads only add synchronisation, and on a shared machine OpenMP's spinning threads take cores
+    from everyone (a quick demo measured 30x more CPU time with torch's default threads on a busy box)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    import torch  # only the commands that train load torch
+
+    torch.set_num_threads(1)
+    return "threads: 1 (torch intra-op; the worlds' models are tiny; OMP_NUM_THREADS=N sets another number)"
+
+
 def is_main_process() -> bool:
     """The process that speaks (rank 0 under `accelerate launch` / torchrun; always true alone)."""
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") in ("0", "")
@@ -164,18 +177,19 @@ def quiet_library_noise() -> None:
       messages of NOISY_LOGS (also the image processors' torchvision fallback logged when the world modules
       import diffusers' pipelines: `sources` calls this before loading them);
     - transformers' "Loading weights" / "Writing model shards" and diffusers' "Loading pipeline components"
-      bars when not on a terminal."""
+      bars: on a terminal they stay on screen after each load or save (tqdm's leave=True) between our own
+      lines, and in a log file they are redraw noise."""
     warnings.filterwarnings("ignore", message=r"fan_in_fan_out is set to False", category=UserWarning)
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*is deprecated")
     for name, starts in NOISY_LOGS.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) and f.fragments == starts for f in logger.filters):
             logger.addFilter(_DropMessages(starts))
-    if not bars():
-        hf_logging.disable_progress_bar()
-        from diffusers.utils import logging as diffusers_logging  # heavy optional import: only off a terminal
+    hf_logging.disable_progress_bar()
+    if "diffusers" in sys.modules:  # its bars matter only once it is loaded (diffusion methods, worlds)
+        from diffusers.utils import logging as diffusers_logging
 
-        diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars in log files
+        diffusers_logging.disable_progress_bar()
 
 
 def data_rows(data_cfg, records, eval_records, seed: int) -> dict[str, str]:
@@ -199,8 +213,14 @@ def data_rows(data_cfg, records, eval_records, seed: int) -> dict[str, str]:
         named = f" (config data.train: {data_cfg.train})" if data_cfg.train else ""
         rows["data"] = f"{len(records)} records passed in memory{named}"
     n_train, n_eval = len(records), len(eval_records or [])
+    held_out = getattr(eval_records, "held_out", None)
     if data_cfg.eval:
         rows["split"] = f"{n_train} train / {n_eval} eval (data.eval: {data_cfg.eval})"
+    elif held_out:
+        rows["split"] = (
+            f"{n_train} train (split '{data_cfg.split}') / {n_eval} eval ({held_out}: the dataset's own "
+            "held-out split; data.eval unset)"
+        )
     elif n_eval:
         rows["split"] = (
             f"{n_train} train / {n_eval} eval ({data_cfg.eval_fraction:g} of data.train held out, seed {seed})"

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
-from prefalign.core.data_files import RowError, decode_csv_cells, read_rows
+from prefalign.core.data_files import RowError, decode_csv_cells, held_out_split, read_rows
 from prefalign.core.data_files import short_repr as _short
 from prefalign.core.data_mix import mix_records, train_sources
 from prefalign.core.data_smells import count_smells
@@ -86,7 +86,7 @@ def _check_columns(columns, rows: list, name: str) -> dict:
 
 
 def load_preferences(
-    source, *, split="train", tie_policy="error", on_bad_row="error", columns=None, limit=None
+    source, *, split="train", tie_policy="error", on_bad_row="error", columns=None, limit=None, sft_rows=False
 ) -> PreferenceData:
     """Load and validate preference rows from a file (.jsonl/.json/.parquet/.csv), a `save_to_disk`
     directory (`split` picks from a DatasetDict), a hub name (`hf://owner/name` or `owner/name`, only when no
@@ -95,7 +95,9 @@ def load_preferences(
     tie_policy (tied scores): "error" | "skip" (drop the row, counted in the report) | "any-order" |
     "truncate" (see `ranking_from_scores`). on_bad_row: "error" raises the first row's DataError; "skip" drops
     bad rows and counts them per reason in `.report` (one warning log line). columns: {your_name: our_name}.
-    limit: read only the first `limit` rows. Returns a `PreferenceData` list with `.report` (a LoadReport)."""
+    limit: read only the first `limit` rows. sft_rows: accept TRL's SFT rows (messages, prompt/completion,
+    text) as one-response records (`loss.name: sft`). Returns a `PreferenceData` list with `.report` (a
+    LoadReport)."""
     if tie_policy not in TIE_POLICIES:
         raise DataError(f"tie_policy: expected one of {', '.join(TIE_POLICIES)}, got {_short(tie_policy)}")
     if on_bad_row not in ("error", "skip"):
@@ -115,7 +117,7 @@ def load_preferences(
             if isinstance(raw, RowError):
                 raise raw
             row = _rename(raw, columns)
-            record = record_from_row(decode_csv_cells(row) if is_csv else row, row_ties)
+            record = record_from_row(decode_csv_cells(row) if is_csv else row, row_ties, sft_rows)
             record.origin = where(name, i, lines[i] if lines else None)
             records.append(record)
         except RowError as e:
@@ -222,6 +224,11 @@ class DataConfig:
     chat_template: str | None = None
 
     def validate(self):
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(
+                f"config key 'data.limit' must be >= 1 (rows read from each source), got {self.limit}; "
+                "leave it unset to read every row"
+            )
         if self.max_length < 2:
             raise ConfigError(f"config key 'data.max_length' must be >= 2, got {self.max_length}")
         if not 1 <= self.max_prompt_length < self.max_length:
@@ -242,26 +249,34 @@ def is_template(text: str) -> bool:
     return "{{" in text or "{%" in text
 
 
-def load_records(data: DataConfig, seed: int, *, eval_fraction: float | None = None):
-    """(train records, eval records) from the `data:` section: `data.eval`, or a seeded split of `data.train`.
-    Several `data.train` sources are each split, then their train parts mixed (`mix_records`)."""
+def load_records(data: DataConfig, seed: int, *, eval_fraction: float | None = None, sft_rows: bool = False):
+    """(train records, eval records) from the `data:` section: `data.eval`; else a saved DatasetDict's own
+    held-out split (`test` or `validation`, when `data.split` is train); else a seeded split of `data.train`.
+    Several `data.train` sources are each split, then their train parts mixed (`mix_records`). `sft_rows`:
+    see `load_preferences`. The eval records' `.held_out` says where they came from (for the console)."""
     kwargs = dict(
         split=data.split,
         tie_policy=data.tie_policy,
         on_bad_row=data.on_bad_row,
         columns=data.columns or None,
         limit=data.limit,
+        sft_rows=sft_rows,
     )
     if not data.train:
         raise ConfigError("config key 'data.train' is empty: name a preference data file or dataset")
     fraction = data.eval_fraction if eval_fraction is None else eval_fraction
     sources = train_sources(data.train)
     parts, evals = [], []
+    own_splits = []
     for path, _ in sources:
         records = load_preferences(path, **kwargs)
         warn_smells(records)
         train, held_out = records, []
-        if not data.eval and fraction > 0 and len(records) >= 10:
+        own = None if data.eval or data.split != "train" else held_out_split(path)
+        if own:
+            held_out = load_preferences(path, **{**kwargs, "split": own})
+            own_splits.append(f"{path} split '{own}'")
+        elif not data.eval and fraction > 0 and len(records) >= 10:
             train, held_out = split_records(records, fraction, seed)
         parts.append(PreferenceData(train))
         parts[-1].report = records.report
@@ -271,6 +286,8 @@ def load_records(data: DataConfig, seed: int, *, eval_fraction: float | None = N
         eval_records = load_preferences(data.eval, **kwargs)
         warn_smells(eval_records)
         return train, eval_records
+    evals = PreferenceData(evals)
+    evals.held_out = ", ".join(own_splits) or None
     return train, evals
 
 

@@ -154,6 +154,25 @@ def _dataset_rows(dataset, split: str, name: str) -> list:
     return dataset.to_list()
 
 
+EVAL_SPLITS = ("test", "validation")  # a DatasetDict's held-out splits, by name (TRL's eval split is "test")
+
+
+def held_out_split(source) -> str | None:
+    """The held-out split (`test`, else `validation`) of a saved DatasetDict folder or an in-memory
+    DatasetDict, else None (a file, a single Dataset, a hub name)."""
+    datasets = sys.modules.get("datasets")
+    if datasets is not None and isinstance(source, datasets.DatasetDict):
+        names = list(source.keys())
+    elif isinstance(source, (str, Path)) and (Path(source) / "dataset_dict.json").is_file():
+        try:
+            names = json.loads((Path(source) / "dataset_dict.json").read_text()).get("splits", [])
+        except (OSError, ValueError):
+            return None
+    else:
+        return None
+    return next((name for name in EVAL_SPLITS if name in names), None)
+
+
 def looks_like_hub_name(text: str) -> bool:
     if text.startswith("hf://"):
         return True
@@ -178,7 +197,8 @@ def read_rows(source, split: str) -> tuple[str, list]:
             loaded = datasets.load_from_disk(str(path))
         except FileNotFoundError as e:
             raise DataError(f"{name}: a directory not written by datasets' save_to_disk ({e})") from None
-        return name, _dataset_rows(loaded, split, name)
+        rows = _dataset_rows(loaded, split, name)
+        return (f"{name}[{split}]" if isinstance(loaded, datasets.DatasetDict) else name), rows  # split named
     if path.is_file():
         return name, _read_file(path, name)
     if isinstance(source, str) and looks_like_hub_name(source):

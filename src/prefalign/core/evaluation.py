@@ -19,8 +19,11 @@ from prefalign.core.logprobs import generate_responses
 from prefalign.core.models import load_base_model
 
 
-def held_out_records(data_cfg, seed: int, path: str | None = None) -> tuple[list, str]:
-    """(records, what they are): the records of `path` (--data), else the run's eval split or data.eval."""
+def held_out_records(
+    data_cfg, seed: int, path: str | None = None, sft_rows: bool = False
+) -> tuple[list, str]:
+    """(records, what they are): the records of `path` (--data), else the run's eval split or data.eval.
+    `sft_rows`: SFT rows are accepted (see `core.data.load_preferences`)."""
     if path:
         records = load_preferences(
             path,
@@ -28,21 +31,23 @@ def held_out_records(data_cfg, seed: int, path: str | None = None) -> tuple[list
             tie_policy=data_cfg.tie_policy,
             on_bad_row=data_cfg.on_bad_row,
             columns=data_cfg.columns or None,
+            sft_rows=sft_rows,
         )
         return records, f"eval/*: preference metrics on {path} ({len(records)} records, --data)"
     if not data_cfg.train:
         return [], "no held-out data: the run's records were passed in memory (give --data FILE)"
-    _, records = load_records(data_cfg, seed)
+    _, records = load_records(data_cfg, seed, sft_rows=sft_rows)
     if not records:
         return (
             [],
             "no held-out data: the run held none out (data.eval_fraction 0 or < 10 records; give --data FILE)",
         )
-    where = (
-        f"data.eval {data_cfg.eval}"
-        if data_cfg.eval
-        else f"the {data_cfg.eval_fraction:g} of data.train held out"
-    )
+    if data_cfg.eval:
+        where = f"data.eval {data_cfg.eval}"
+    elif getattr(records, "held_out", None):
+        where = records.held_out
+    else:
+        where = f"the {data_cfg.eval_fraction:g} of data.train held out"
     return records, f"eval/*: preference metrics on {where} ({len(records)} records)"
 
 

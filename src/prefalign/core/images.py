@@ -122,6 +122,15 @@ class ImageDataset:
         return self.images(item) if self.images is not None else item
 
 
+def data_row(data_cfg, dataset: ImageDataset, latents: bool) -> str:
+    """The start block's `data` row of a diffusion run: source, rows, what conditions them, latents."""
+    kind = "pairs (winner, loser)" if "rejected" in dataset.data else "winners"
+    conditions = [name for name in ("caption", "label", "context") if name in dataset.data]
+    condition = f"conditioned on {', '.join(conditions)}" if conditions else "unconditional"
+    cached = "; VAE latents cached (data.latent_cache)" if latents else ""
+    return f"{data_cfg.train}: {len(dataset)} {kind}, {condition}{cached}"
+
+
 def collate_images(items: list[dict]) -> dict:
     """Stack tensors and numbers (nested dicts too); strings stay a list."""
 

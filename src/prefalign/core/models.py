@@ -86,6 +86,13 @@ def adapter_config(name_or_path: str) -> dict | None:
     return config
 
 
+# files one of which every saved tokenizer has (fast, SentencePiece, BPE, WordPiece)
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+    "sentencepiece.bpe.model", "merges.txt",
+)  # fmt: skip
+
+
 def load_tokenizer(cfg: ModelConfig):
     source = cfg.tokenizer or cfg.name_or_path
     if sources.is_source(source):
@@ -93,12 +100,28 @@ def load_tokenizer(cfg: ModelConfig):
     adapter = adapter_config(source)
     if adapter is not None and not (Path(source).expanduser() / "tokenizer_config.json").is_file():
         source = adapter["base_model_name_or_path"]  # an adapter saved without a tokenizer: its base's
+    key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+    folder = Path(source).expanduser()
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(
+            f"config key '{key}': {source} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+            "set model.tokenizer to the folder or hub id of the model's tokenizer"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError) as e:
-        raise ConfigError(f"could not load tokenizer '{source}': {str(e).splitlines()[0]}") from None
+        first = " ".join(str(e).split())[:300]
+        raise ConfigError(
+            f"config key '{key}': could not load a tokenizer from '{source}' ({first}); set model.tokenizer to "
+            "the folder or hub id of the model's tokenizer"
+        ) from None
+    if len(tokenizer) < 2 or not tokenizer("a b")["input_ids"]:  # transformers may build an empty one
+        raise ConfigError(
+            f"config key '{key}': the tokenizer loaded from '{source}' is empty ({len(tokenizer)} tokens); set "
+            "model.tokenizer to the folder or hub id of the model's tokenizer"
+        )
     if tokenizer.pad_token is None:  # GPT-2 style tokenizers have none; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -236,9 +259,36 @@ def lora_config(lora: LoraSettings):
     )
 
 
+def check_lora_targets(model, targets: list[str] | None) -> None:
+    """Every name in `model.lora.target_modules` matches a module of `model` the way peft matches it (the full
+    name, or its last dotted parts): a config error listing the model's layer names otherwise — peft itself
+    fails late with a traceback, or, when another name matches, drops the typo silently."""
+    if not targets:
+        return
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        layers = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and _is_layer(m)}
+            - {"lora_A", "lora_B"}
+        )
+        raise ConfigError(
+            f"config key 'model.lora.target_modules': {', '.join(missing)} match{'es' if len(missing) == 1 else ''} "
+            f"no module of {type(model).__name__}; its layers are named: {', '.join(layers)} (or leave "
+            "target_modules unset for every linear layer)"
+        )
+
+
+def _is_layer(module) -> bool:
+    """A module with its own weight matrix and no children (Linear, Conv1D/Conv2d, Embedding...)."""
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.dim() >= 2 and not list(module.children())
+
+
 def add_lora(model, lora: LoraSettings, adapter_name: str = "default", seed: int = 0):
     """Wrap `model` with fresh LoRA adapters (peft); only adapter weights stay trainable. The adapters start
     from `seed` whatever the process (see `seed_lora`)."""
+    check_lora_targets(model, lora.target_modules)
     model = get_peft_model(model, lora_config(lora), adapter_name=adapter_name)
     seed_lora(model, seed, [adapter_name])
     return model

@@ -39,7 +39,7 @@ from peft.utils import get_peft_model_state_dict
 
 from prefalign.core import sources
 from prefalign.core.errors import ConfigError
-from prefalign.core.models import LoraSettings, seed_lora
+from prefalign.core.models import LoraSettings, check_lora_targets, seed_lora
 
 PIPELINES = {
     "StableDiffusionPipeline": StableDiffusionPipeline,
@@ -257,12 +257,18 @@ def _load_pipeline(name: str, index: dict, model: DiffusionModelConfig, key: str
 
 
 def lora_config(unet, lora: LoraSettings) -> LoraConfig:
-    """peft's LoraConfig for the UNet: the requested target modules that exist in it (a ConfigError if none)."""
-    names = {n.rsplit(".", 1)[-1] for n, _ in unet.named_modules()} | {n for n, _ in unet.named_modules()}
-    wanted = lora.target_modules or UNET_LORA_TARGETS
-    targets = [t for t in wanted if t in names or any(n.endswith("." + t) for n in names)]
-    if not targets:
-        raise ConfigError(f"config key 'model.lora.target_modules': {wanted} match no module of the UNet")
+    """peft's LoraConfig for the UNet: every target named in `model.lora.target_modules` must exist in it (a
+    ConfigError naming the others otherwise); unset, the default attention projections that it has."""
+    if lora.target_modules:
+        check_lora_targets(unet, lora.target_modules)
+        targets = list(lora.target_modules)
+    else:
+        names = [n for n, _ in unet.named_modules()]
+        targets = [t for t in UNET_LORA_TARGETS if any(n == t or n.endswith("." + t) for n in names)]
+        if not targets:
+            raise ConfigError(
+                f"the UNet has none of the default LoRA targets {UNET_LORA_TARGETS}: set model.lora.target_modules"
+            )
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
 
 

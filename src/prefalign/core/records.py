@@ -18,8 +18,12 @@ from prefalign.core.data_files import short_repr as _short
 from prefalign.core.errors import DataError
 
 LAYOUTS = "prompt/chosen/rejected, chosen/rejected (implicit prompt), prompt/responses/ranking, prompt/responses/scores"
+SFT_LAYOUTS = "messages, prompt/completion, text"  # TRL's SFT rows (loss.name: sft only)
 ANNOTATOR_COLUMNS = ("annotator", "annotator_id", "user_id")
-FIELDS = ("prompt", "chosen", "rejected", "responses", "ranking", "scores", "weight", *ANNOTATOR_COLUMNS)
+SFT_FIELDS = ("messages", "completion", "text")
+FIELDS = (
+    "prompt", "chosen", "rejected", "responses", "ranking", "scores", "weight", *ANNOTATOR_COLUMNS, *SFT_FIELDS,
+)  # fmt: skip
 TIE_POLICIES = ("error", "skip", "any-order", "truncate")
 
 
@@ -119,6 +123,7 @@ class PreferenceData(list):
 
     report: LoadReport | None = None
     mixture: list[dict] | None = None
+    held_out: str | None = None  # eval records: the DatasetDict split(s) they came from (`load_records`)
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -245,12 +250,67 @@ def _weight(row: dict) -> float:
     return float(weight)
 
 
-def record_from_row(row, tie_policy: str) -> PreferenceRecord:
+def _sft_record(row: dict, present: set) -> PreferenceRecord:
+    """A TRL SFT row as a record with ONE response (ranking [0]):
+    - `messages`: the conversation's last message (an assistant turn) is the response, the messages before
+      it the prompt (earlier assistant turns are context, not trained on);
+    - `prompt`/`completion`: text, or messages (TRL's conversational prompt-completion);
+    - `text`: language modelling on the whole text (an empty prompt)."""
+    if present & {"chosen", "rejected", "responses", "ranking", "scores"}:
+        found = sorted(present & set(SFT_FIELDS))
+        raise RowError(found[0], "ambiguous layout", f"an SFT column {found} beside preference columns")
+    if "messages" in present:
+        if present & {"prompt", "completion", "text"}:
+            raise RowError(
+                "messages", "ambiguous layout", "'messages' beside prompt/completion/text; keep one"
+            )
+        messages = _text_or_messages(row["messages"], "messages")
+        if isinstance(messages, str) or messages[-1]["role"] != "assistant" or len(messages) < 2:
+            raise RowError(
+                "messages", "bad conversation",
+                "expected a conversation ending in an assistant message, with at least one message before it",
+            )  # fmt: skip
+        if not messages[-1]["content"].strip():
+            raise RowError("messages", "empty text", "the last (assistant) message is empty")
+        prompt, response = messages[:-1], [messages[-1]]
+    elif "completion" in present:
+        if "prompt" not in present:
+            raise RowError("prompt", "missing field", "missing (layout prompt/completion needs 'prompt')")
+        if "text" in present:
+            raise RowError("text", "ambiguous layout", "'text' beside prompt/completion; keep one")
+        prompt = _text_or_messages(row["prompt"], "prompt")
+        response = _text_or_messages(row["completion"], "completion")
+        if isinstance(prompt, str) != isinstance(response, str):
+            raise RowError(
+                "completion", "mixed text and messages", "expected prompt and completion of one kind"
+            )
+    else:
+        if "prompt" in present:
+            raise RowError("text", "ambiguous layout", "'text' beside 'prompt'; for prompt + completion rows "
+                           "name the response column 'completion'")  # fmt: skip
+        prompt, response = "", _text_or_messages(row["text"], "text")
+        if not isinstance(response, str):
+            raise RowError("text", "wrong type", "expected text; for conversations use a 'messages' column")
+    return PreferenceRecord(prompt, [response], [0], _annotator(row), _weight(row))
+
+
+def record_from_row(row, tie_policy: str, sft_rows: bool = False) -> PreferenceRecord:
+    """One raw row -> PreferenceRecord. `sft_rows`: TRL's SFT layouts (messages, prompt/completion, text)
+    are accepted as one-response records (for `loss.name: sft`); otherwise such a row is an error saying so."""
     if not isinstance(row, dict):
         raise RowError(
             "row", "not an object", f"expected an object with named fields, got {type(row).__name__}"
         )
     present = {k for k in FIELDS if row.get(k) is not None}
+    sft = present & set(SFT_FIELDS)
+    if sft and (sft_rows or not present & {"chosen", "rejected", "responses", "ranking", "scores"}):
+        if not sft_rows:
+            raise RowError(
+                sorted(sft)[0], "SFT row",
+                f"an SFT row ({SFT_LAYOUTS}: one response); this loss needs preferences ({LAYOUTS}); "
+                "to train on these rows set loss.name: sft",
+            )  # fmt: skip
+        return _sft_record(row, present)
     pair, listwise = present & {"chosen", "rejected"}, present & {"responses", "ranking", "scores"}
     if pair and listwise:
         raise RowError(
@@ -306,8 +366,11 @@ def record_from_row(row, tie_policy: str) -> PreferenceRecord:
         )
     else:
         got = ", ".join(sorted(map(str, row))) or "none"
+        accepted = f"{LAYOUTS}" + (
+            f", and for loss.name sft {SFT_LAYOUTS}" if not sft_rows else f", {SFT_LAYOUTS}"
+        )
         raise RowError(
-            "columns", "unknown layout", f"none known (got: {got}); accepted column sets: {LAYOUTS}"
+            "columns", "unknown layout", f"none known (got: {got}); accepted column sets: {accepted}"
         )
     prompt = _text_or_messages(prompt, "prompt")
     if len({isinstance(x, str) for x in [prompt, *responses]}) > 1:
@@ -317,10 +380,13 @@ def record_from_row(row, tie_policy: str) -> PreferenceRecord:
     return PreferenceRecord(prompt, responses, ranking, _annotator(row), _weight(row))
 
 
-def validate_record(record_dict, row, source="<memory>", *, tie_policy="error") -> PreferenceRecord:
+def validate_record(
+    record_dict, row, source="<memory>", *, tie_policy="error", sft_rows=False
+) -> PreferenceRecord:
     """One raw row (any accepted layout) -> PreferenceRecord, or a DataError naming source, row and field.
-    `tie_policy` here is "error", "any-order" or "truncate" (see `ranking_from_scores`)."""
+    `tie_policy` here is "error", "any-order" or "truncate" (see `ranking_from_scores`); `sft_rows`: see
+    `record_from_row`."""
     try:
-        return record_from_row(record_dict, tie_policy)
+        return record_from_row(record_dict, tie_policy, sft_rows)
     except RowError as e:
         raise located_error(e, source, row) from None

@@ -102,12 +102,17 @@ def plot_lines(
     title: str = "",
     bands: dict[str, Sequence[float]] | None = None,
     markers: bool = False,
+    steps: dict[str, Sequence[int]] | None = None,
 ) -> Path:
-    """One line per series name -> (x, y); optional +-band per series (e.g. seed std)."""
+    """One line per series name -> (x, y); optional +-band per series (e.g. seed std). `steps` (per series,
+    the training step of each point) marks where each path starts and ends and which way it runs: for
+    curves over training drawn against something other than the step (reward vs KL)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for name, (x, y) in series.items():
-        ax.plot(x, y, marker="o" if markers else None, ms=3, label=name)
+        (line,) = ax.plot(x, y, marker="o" if markers else None, ms=3, label=name)
+        if steps and name in steps and len(x) > 1:
+            mark_time(ax, x, y, steps[name], line.get_color())
         if bands and name in bands:
             y_arr, b_arr = np.asarray(y, float), np.asarray(bands[name], float)
             ax.fill_between(x, y_arr - b_arr, y_arr + b_arr, alpha=0.2)
@@ -118,6 +123,16 @@ def plot_lines(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def mark_time(ax, x, y, steps, color) -> None:
+    """The direction of time on a path over training: an arrow on its last segment and the step numbers of
+    its first and last points."""
+    ax.annotate("", xy=(x[-1], y[-1]), xytext=(x[-2], y[-2]),
+                arrowprops={"arrowstyle": "-|>", "color": color, "lw": 1.2})  # fmt: skip
+    for i in (0, len(x) - 1):
+        ax.annotate(f"step {steps[i]}", (x[i], y[i]), fontsize=6, color=color, xytext=(3, -8),
+                    textcoords="offset points")  # fmt: skip
 
 
 def plot_bars(path: str | Path, values: dict[str, tuple[float, float]], ylabel: str, title: str = "") -> Path:

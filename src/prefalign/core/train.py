@@ -16,6 +16,8 @@ run, and how to save the trained model.
 from __future__ import annotations
 
 import contextlib
+import difflib
+import logging
 import math
 import shutil
 import time
@@ -35,6 +37,8 @@ from prefalign.core.checkpoint import checkpoints, load_checkpoint, save_checkpo
 from prefalign.core.errors import ConfigError, NonFiniteLossError
 from prefalign.core.metrics import MetricsLog
 from prefalign.core.packing import checkpoint_contexts
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,6 +84,47 @@ class TrainConfig:
                 raise ConfigError(f"config key 'train.{name}' must be >= 1, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ConfigError(f"config key 'train.learning_rate' must be > 0, got {self.learning_rate}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(
+                f"config key 'train.epochs' must be > 0, got {self.epochs} (or leave it unset and use "
+                "train.max_steps)"
+            )
+        if self.lr_scheduler not in SCHEDULERS:
+            close = difflib.get_close_matches(self.lr_scheduler, SCHEDULERS, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(
+                f"config key 'train.lr_scheduler': unknown schedule '{self.lr_scheduler}'; {hint}choose from "
+                f"{', '.join(SCHEDULERS)}"
+            )
+        if self.warmup_steps < 0:
+            raise ConfigError(f"config key 'train.warmup_steps' must be >= 0, got {self.warmup_steps}")
+        if self.warmup_steps and self.lr_scheduler == "constant":
+            raise ConfigError(
+                f"config key 'train.warmup_steps' ({self.warmup_steps}) is ignored by lr_scheduler constant: "
+                "use lr_scheduler: constant_with_warmup, or warmup_steps: 0"
+            )
+
+
+# transformers schedules that step without a metric and need no extra arguments (checked in tests/test_train.py)
+SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+)  # fmt: skip
+
+
+def warmup_note(cfg: TrainConfig, steps: int) -> str | None:
+    """A warning when the warmup is at least as long as the run: the learning rate never reaches
+    `train.learning_rate` (legitimate in a smoke test, surprising anywhere else)."""
+    if cfg.warmup_steps < steps:
+        return None
+    length = (
+        f"train.max_steps {steps}" if cfg.epochs is None else f"{steps} steps (train.epochs {cfg.epochs:g})"
+    )
+    peak = cfg.learning_rate * (steps - 1) / cfg.warmup_steps  # step k (from 0) runs at lr * k / warmup
+    return (
+        f"warning: train.warmup_steps {cfg.warmup_steps} is not shorter than the run ({length}): the learning "
+        f"rate peaks at {peak:.3g}, never reaching train.learning_rate {cfg.learning_rate:g}; lower "
+        "train.warmup_steps to reach it"
+    )
 
 
 @dataclass
@@ -216,6 +261,9 @@ def fit(
     order = BatchOrder(len(dataset), cfg.batch_size, cfg.seed, cfg.shuffle)
     per_step = cfg.grad_accum * n_proc
     max_steps = total_steps(cfg, len(dataset), n_proc)
+    note = warmup_note(cfg, max_steps)
+    if note and accelerator.is_main_process:
+        logger.warning(note)
 
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -262,6 +310,7 @@ def fit(
     talk = cfg.progress and accelerator.is_main_process  # console lines (and a bar, on a terminal)
     bar = console.progress(total=max_steps, initial=step, desc=desc, disable=not talk)
     started = time.time()
+    noted_grad = False
     model.train()
     while step < max_steps:
         mine = [micro_batch + j for j in range(per_step) if j % n_proc == accelerator.process_index]
@@ -297,6 +346,10 @@ def fit(
             record = log.flush(step, {"epoch": epoch, "learning_rate": scheduler.get_last_lr()[0]})
             if talk:
                 console.say(console.metrics_line(record, max_steps, time.time() - started))
+                note = grad_note(record.get("grad_norm"), step, cfg.learning_rate)
+                if note and not noted_grad:
+                    noted_grad = True
+                    console.say(note)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < max_steps:
             run_eval()
         if cfg.save_every and step % cfg.save_every == 0 and step < max_steps:
@@ -308,6 +361,16 @@ def fit(
     if cfg.report_to:
         accelerator.end_training()
     return FitResult(unwrap(model), run_dir, log.history, accelerator)
+
+
+def grad_note(grad_norm: float | None, step: int, learning_rate: float) -> str | None:
+    """Said once when a logged window's grad_norm is exactly 0 (the loss no longer moves the weights) or not
+    finite (the clipped step is meaningless): both usually follow a learning rate far too high."""
+    if grad_norm is None or (math.isfinite(grad_norm) and grad_norm != 0):
+        return None
+    high = f"; train.learning_rate {learning_rate:g} is unusually high" if learning_rate > 0.01 else ""
+    what = "the loss no longer moves the weights" if grad_norm == 0 else "the updates are meaningless"
+    return f"note: grad_norm is {grad_norm:g} at step {step}: {what}{high}"
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -108,10 +108,12 @@ def run(
         "per_seed": [{r: p["results"][r] for r in ROWS} for p in per_seed], "wall_time_s": round(time.time() - start, 1),
     }  # fmt: skip
     write_summary(out_dir, summary)
-    for row in ROWS:
-        save_grid(out_dir / f"samples_{row}.png", per_seed[0]["samples"][row])
+    for row in ROWS:  # red digit: the caption each sample was drawn for
+        save_grid(out_dir / f"samples_{row}.png", per_seed[0]["samples"][row], labels=list(range(10)) * 10,
+                  title=f"{row}, seed {seeds[0]}: red = the captioned digit")  # fmt: skip
+    spread = f"mean ± std over seeds {seeds}" if len(seeds) > 1 else f"one seed ({seeds[0]}): no spread"
     plot_bars(out_dir / "scores.png", {r: rows[r]["score"] for r in ROWS}, "held-out evaluator score",
-              title=f"mean ± std over seeds {seeds}")  # fmt: skip
+              title=spread)  # fmt: skip
     table = markdown_table(
         [{"method": r, **rows[r], "gain over base": gains.get(r, (0.0, 0.0))} for r in ROWS],
         ["method", "score", "diversity", "gain over base"],

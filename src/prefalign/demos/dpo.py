@@ -226,6 +226,7 @@ def write_outputs(out_dir: Path, per_seed: dict, seeds: list[int], quick: bool, 
         f"true reward ({TARGET})",
         "true reward vs KL over training",
         markers=True,
+        steps={method: steps for method, (steps, _) in series_steps.items()},
     )
     plot_lines(
         out_dir / "reward_vs_step.png",

@@ -24,6 +24,7 @@ from prefalign import runner
 from prefalign.core.config import build
 from prefalign.core.data import save_jsonl
 from prefalign.core.report import (
+    mark_time,
     markdown_table,
     mean_std,
     pm,
@@ -333,6 +334,10 @@ def plot_reviews(out_dir: Path, reviews: dict, reference_reward: float, n_seeds:
         color = f"C{i}"
         for key in keys:
             ax.plot(curves[key]["kl"][0], curves[key]["true_reward"][0], color=color, alpha=0.3, lw=1)
+            if len(curves[key]["steps"]) > 1:  # which way each path runs
+                mark_time(
+                    ax, curves[key]["kl"][0], curves[key]["true_reward"][0], curves[key]["steps"], color
+                )
         order = sorted(keys, key=lambda k: runs[k]["kl"])
         ax.errorbar([runs[k]["kl"] for k in order], [runs[k]["true_reward"] for k in order],
                     xerr=[runs[k]["kl_std"] for k in order], yerr=[runs[k]["true_reward_std"] for k in order],

@@ -35,6 +35,7 @@ from prefalign.core.images import (
     ImageDataConfig,
     ImageDataset,
     collate_images,
+    data_row,
     evaluation_pairs,
     load_image_pairs,
 )
@@ -157,6 +158,7 @@ def setup(cfg: Config, ctx, **_) -> Job:
         evaluate=world_evaluation(cfg, parts),
         save=lambda trained, path: save_trained(trained, parts, cfg.model.lora, path),
         desc="diffusion-dpo",
+        info={"data": data_row(cfg.data, data, bool(cfg.data.latent_cache and parts.vae is not None))},
     )
 
 

@@ -152,9 +152,23 @@ def make_step(loss: PreferenceLoss, reference_fn=None):
             reference_logps = batch["reference_logps"]
         mask = batch["candidate_index"] >= 0
         losses, rewards = loss(policy_logps, reference_logps, batch["ranking"], n_tokens, mask)
+        if loss.name == "sft":  # no rewards: the likelihood of the response
+            return sft_metrics(losses, batch["weight"], policy_logps, n_tokens, batch["ranking"])
         return preference_metrics(losses, batch["weight"], rewards, policy_logps, batch["ranking"], mask)
 
     return step
+
+
+def sft_metrics(losses, weight, logps, n_tokens, ranking):
+    """-> (weighted mean loss, metrics) of an SFT batch: `logps/chosen` (the response's summed log-prob, as
+    in TRL's preference logs) and `nll_per_token` (its mean negative log-likelihood per token, the log of
+    the perplexity), weighted means over records like every other metric."""
+    rows = torch.arange(len(losses), device=losses.device)
+    best = ranking[:, 0]
+    chosen, tokens = logps[rows, best].detach(), n_tokens[rows, best].clamp(min=1)
+    w = weight / weight.sum()
+    metrics = {"logps/chosen": chosen, "nll_per_token": -chosen / tokens}
+    return (losses * w).sum(), {name: (value * w).sum() for name, value in metrics.items()}
 
 
 @torch.no_grad()
@@ -176,7 +190,7 @@ def setup(cfg: Config, ctx, *, records=None, eval_records=None, model=None, toke
     passed is the reference."""
     loss = PreferenceLoss(cfg.loss)
     if records is None:
-        records, eval_records = load_records(cfg.data, cfg.train.seed)
+        records, eval_records = load_records(cfg.data, cfg.train.seed, sft_rows=loss.name == "sft")
     if not records:
         raise ConfigError("no training records")
     check_records_fit(records, loss)
@@ -233,7 +247,7 @@ def evaluate_run(run_dir: Path, cfg: Config, data: str | None = None, samples: i
     policy.eval()
     out: dict = {}
     loss = PreferenceLoss(cfg.loss)
-    eval_records, note = held_out_records(cfg.data, cfg.train.seed, data)
+    eval_records, note = held_out_records(cfg.data, cfg.train.seed, data, sft_rows=loss.name == "sft")
     check_records_fit(eval_records, loss, data or "data.eval")
     reference = load_base_model(cfg.model) if (eval_records and loss.needs_reference) or samples else None
     if eval_records:

@@ -44,6 +44,7 @@ from prefalign.core.images import (
     ImageDataConfig,
     ImageDataset,
     collate_images,
+    data_row,
     evaluation_pairs,
     load_image_pairs,
 )
@@ -381,6 +382,7 @@ def setup(cfg: Config, ctx, **_) -> Job:
         save=lambda trained, path: save_trained(trained, parts, cfg.model.lora, path),
         summarize=summarize,
         desc=cfg.loss.name,
+        info={"data": data_row(cfg.data, data, bool(cfg.data.latent_cache and parts.vae is not None))},
     )
 
 

@@ -154,8 +154,11 @@ def diversity(samples: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> flo
     return make_world(seed).diversity(samples, labels)
 
 
-def save_grid(path: str | Path, samples: torch.Tensor, nrow: int = 10, scale: int = 4) -> Path:
-    """Write samples as a grayscale PNG grid, `nrow` images per row, each pixel `scale`x`scale`."""
+def save_grid(
+    path: str | Path, samples: torch.Tensor, nrow: int = 10, scale: int = 4, labels=None, title: str = ""
+) -> Path:
+    """Write samples as a grayscale PNG grid, `nrow` images per row, each pixel `scale`x`scale`. `labels`
+    (one per image: the digit it was asked for) are written in each cell's corner, `title` above the grid."""
     plt = pyplot()
     x = torch.as_tensor(_flat(samples)).reshape(-1, 8, 8).clamp(0, 1)
     rows = -(-len(x) // nrow)
@@ -163,8 +166,21 @@ def save_grid(path: str | Path, samples: torch.Tensor, nrow: int = 10, scale: in
     for i, image in enumerate(x):
         r, c = divmod(i, nrow)
         grid[1 + 9 * r : 9 + 9 * r, 1 + 9 * c : 9 + 9 * c] = 1 - image  # dark ink on white
-    grid = grid.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    plt.imsave(path, grid.numpy(), cmap="gray", vmin=0, vmax=1)
+    if labels is None and not title:
+        grid = grid.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+        plt.imsave(path, grid.numpy(), cmap="gray", vmin=0, vmax=1)
+        return path
+    fig, ax = plt.subplots(figsize=(0.45 * nrow + 0.4, 0.45 * rows + (0.7 if title else 0.3)))
+    ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    for i, label in enumerate(list(labels or [])[: len(x)]):
+        r, c = divmod(i, nrow)
+        ax.text(9 * c + 1.3, 9 * r + 2.2, str(int(label)), color="tab:red", fontsize=6)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout(pad=0.2)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return path
