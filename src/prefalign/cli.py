@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from prefalign import __version__, runner
-from prefalign.core import console
+from prefalign.core import console, extras
 from prefalign.core.config import loss_options
 from prefalign.core.config_doc import key_table, starter_yaml
 from prefalign.core.errors import UserError
@@ -176,8 +176,9 @@ def demo(
         out_dir = out or Path("runs") / f"demo-{demo_name}{'-quick' if quick else ''}"
         if name == "all" and out is not None:
             out_dir = out / demo_name
-        module = importlib.import_module(DEMOS[demo_name])
         try:
+            extras.require("demos", f"prefalign demo {demo_name}")
+            module = importlib.import_module(DEMOS[demo_name])
             module.run(Path(out_dir), quick=quick, seeds=list(range(n_seeds)))
         except UserError as e:
             _fail(str(e))

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from prefalign.core import console, packing
+from prefalign.core import console, extras, packing
 from prefalign.core.checkpoint import checkpoints
 from prefalign.core.config import apply_overrides, apply_renames, build, load_yaml, loss_options, to_dict
 from prefalign.core.data_mix import check_sources_exist
@@ -46,6 +46,8 @@ METHODS = {
     "diffusion_dpo": "prefalign.methods.diffusion_dpo",
     "sspo": "prefalign.methods.sspo",
 }
+# methods whose modules import an optional extra's packages (core/extras.py)
+METHOD_EXTRAS = {"diffusion_dpo": "diffusion", "sspo": "diffusion"}
 # keys that may change between a run and its resumption (how long, how often, how loud)
 RESUMABLE_CHANGES = {
     "train.max_steps", "train.epochs", "train.log_every", "train.eval_every", "train.save_every",
@@ -75,6 +77,8 @@ def method_module(name: str):
         raise ConfigError(
             f"config key 'method': unknown method '{name}'; choose one of: {', '.join(METHODS)}"
         )
+    if name in METHOD_EXTRAS:
+        extras.require(METHOD_EXTRAS[name], f"method '{name}'")
     return importlib.import_module(METHODS[name])
 
 

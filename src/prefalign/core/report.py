@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from prefalign.core import extras
+
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
@@ -76,7 +78,8 @@ def write_report(out_dir: str | Path, title: str, sections: Sequence[str]) -> Pa
 
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (servers and CI have no display)."""
-    import matplotlib  # lazy: only reports draw plots, and the backend must be chosen first
+    extras.require("demos", "drawing a report's figures")
+    import matplotlib  # lazy: only reports draw plots, and the backend must be chosen first (prefalign[demos])
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
