@@ -227,10 +227,19 @@ def export(
     step: Annotated[
         int | None, typer.Option(help="export checkpoints/step-N instead of final/ (dpo, mpo)")
     ] = None,
+    push_to_hub: Annotated[
+        str | None, typer.Option("--push-to-hub", help="then upload the folder to this hub repository (owner/name)")
+    ] = None,
+    public: Annotated[bool, typer.Option("--public", help="create the hub repository public (default: private)")] = False,
+    license: Annotated[str | None, typer.Option(help="the model card's license (e.g. apache-2.0)")] = None,
 ):
-    """Write the run's model as a folder `from_pretrained` opens (with its model card, README.md)."""
+    """Write the run's model as a folder `from_pretrained` opens (with its model card, README.md); with
+    --push-to-hub, upload it to the Hugging Face Hub (token: HF_TOKEN or `huggingface-cli login`)."""
     try:
-        what = runner.export(run_dir, out, merge_lora=merge_lora, step=step)
+        what = runner.export(
+            run_dir, out, merge_lora=merge_lora, step=step, license=license, push_to_hub=push_to_hub,
+            private=not public,
+        )  # fmt: skip
     except UserError as e:
         _fail(str(e))
     typer.echo(f"exported {what} to {out}")

@@ -17,8 +17,10 @@ columns (what truncation cut), without tokenizing again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import sys
 import tempfile
 import uuid
 from collections.abc import Sequence
@@ -164,16 +166,17 @@ def encode_data(tokenizer, records, data: DataConfig, name: str, lengths: tuple[
         key = digest(
             CACHE_VERSION, records.key, tokenizer_digest(tokenizer), lengths, "keep_start", encoder_digest()
         )
-    mapped = records.dataset.map(
-        _batch_encoder(tokenizer, max_length, max_prompt_length),
-        batched=True,
-        batch_size=1000,
-        remove_columns=records.dataset.column_names,
-        cache_file_name=None if key is None else str(cache_dir() / f"encoded-{key}.arrow"),
-        load_from_cache_file=True,
-        new_fingerprint=key or uuid.uuid4().hex,
-        desc=f"tokenize {name}",
-    )
+    with _bar(len(records) >= 5000):
+        mapped = records.dataset.map(
+            _batch_encoder(tokenizer, max_length, max_prompt_length),
+            batched=True,
+            batch_size=1000,
+            remove_columns=records.dataset.column_names,
+            cache_file_name=None if key is None else str(cache_dir() / f"encoded-{key}.arrow"),
+            load_from_cache_file=True,
+            new_fingerprint=key or uuid.uuid4().hex,
+            desc=f"tokenize {name}",
+        )
     stats = mapped.with_format("arrow")[:]
     report = EncodeReport(records=len(mapped))
     for column, how in STATS.items():
@@ -206,6 +209,21 @@ def encode_data(tokenizer, records, data: DataConfig, name: str, lengths: tuple[
         key = None if key is None else digest(key, "kept", kept.tolist())
     columns = ["prompt_ids", "response_ids", "ranking", "weight", "annotator"]
     return EncodedSet(mapped.select_columns(columns), kept, report, lengths, key)
+
+
+@contextlib.contextmanager
+def _bar(wanted: bool):
+    """datasets' progress bar only for large sets on a terminal (as `core.encode`'s tqdm: a log gets none)."""
+    import datasets  # lazy like everywhere in core: the records on disk already loaded it
+
+    was = datasets.is_progress_bar_enabled()
+    if was and not (wanted and sys.stderr.isatty()):
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was:
+            datasets.enable_progress_bars()
 
 
 def _column(records: RecordSet, name: str):
