@@ -238,3 +238,48 @@ def test_hub_sources_pass_name_revision_split_and_stream_with_a_local_stand_in(m
     again, _ = load_records(DataConfig(train=[pinned], eval_fraction=0.0), seed=0)
     assert first.key == again.key is not None and len(calls) == 2
     assert data_files.looks_like_hub_name("owner/prefs")
+
+
+def test_latent_cache_is_written_in_shards_once_and_read_memory_mapped(tmp_path, monkeypatch):
+    """A stand-in VAE (latents = 2 x pixels + 1): the cached column equals encoding each row; 7 rows in shards
+    of 3 make 3 files; a second build decodes no image; a lost shard is rebuilt alone."""
+    import torch
+
+    from prefalign.core import conditioning
+    from prefalign.core.images import ImageDataset
+
+    class Conditioner:
+        device = torch.device("cpu")
+
+        def __init__(self):
+            self.parts = type("Parts", (), {"vae": torch.nn.Linear(1, 1)})()
+            self.parts.vae.config = type("Config", (), {"scaling_factor": 0.5})()
+            self.encoded = 0
+
+        def model_images(self, x):
+            self.encoded += len(x)
+            return 2 * x + 1
+
+        def time_ids(self, batch, n):
+            return torch.zeros(n, 6)
+
+    pixels = torch.randn(7, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    data = ImageDataset({"chosen": pixels, "rejected": -pixels, "caption": [f"c{i}" for i in range(7)]})
+    vae = Conditioner()
+    cached = conditioning.cache_latents(data, vae, tmp_path, batch_size=2, shard_rows=3)
+    (folder,) = tmp_path.glob("latents-*")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "done.json",
+        *[f"shard-0000{k}.safetensors" for k in range(3)],
+    ]
+    assert len(cached) == 7 and vae.encoded == 14 and cached[5]["caption"] == "c5"
+    assert torch.equal(torch.stack([cached[i]["chosen"] for i in range(7)]), 2 * pixels + 1)
+    assert torch.equal(cached[6]["rejected"], 1 - 2 * pixels[6])
+    clone = pickle.loads(pickle.dumps(cached.data["chosen"]))
+    assert torch.equal(clone[4], cached[4]["chosen"])
+    again = conditioning.cache_latents(data, vae, tmp_path, batch_size=2, shard_rows=3)
+    assert vae.encoded == 14 and torch.equal(again[2]["chosen"], cached[2]["chosen"])
+    (folder / "shard-00001.safetensors").unlink()
+    (folder / "done.json").unlink()
+    conditioning.cache_latents(data, vae, tmp_path, batch_size=2, shard_rows=3)
+    assert vae.encoded == 14 + 6  # the one missing shard: 3 rows, chosen and rejected
