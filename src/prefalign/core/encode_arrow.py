@@ -152,8 +152,8 @@ def encode_data(tokenizer, records, data: DataConfig, name: str, lengths: tuple[
     (an `EncodedSet`); a list goes through `core.encode.encode_data`. Both count and report truncation in one
     warning line and drop (under `data.on_bad_row: skip`) or refuse records whose ranked responses became
     identical token sequences, with the same messages."""
-    if not isinstance(records, RecordSet):
-        return encode.encode_data(tokenizer, records, data, name, lengths)
+    if not isinstance(records, RecordSet) or not len(records):
+        return encode.encode_data(tokenizer, [] if isinstance(records, RecordSet) else records, data, name, lengths)
     if len(records) and bool(pc.any(pc.starts_with(_column(records, "prompt"), "[")).as_py()):
         if getattr(tokenizer, "chat_template", None) is None:  # chat messages are stored as JSON lists
             raise ConfigError(
