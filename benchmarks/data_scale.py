@@ -266,6 +266,9 @@ def child(stage: str, source: str, folder: str, workers: int) -> None:
     else:
         out = STAGES[stage](Path(source), Path(folder))
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["load_average"] = open("/proc/loadavg").read().split()[:3]
+    with open(Path(folder).parent.parent / "results.jsonl", "a") as log:  # every stage, as it ends
+        log.write(json.dumps({"stage": stage, "source": source, "cache": folder, "workers": workers, **out}) + "\n")
     print("RESULT " + json.dumps(out), flush=True)
 
 

@@ -128,7 +128,7 @@ def test_dtype_bfloat16_loads_bfloat16_weights(tmp_path, tiny_lm):
 
 
 def test_the_shipped_fsdp2_config_builds_an_fsdp2_plugin():
-    """accelerate < 1.6 has no FSDP2: configs/accelerate/fsdp.yaml's `fsdp_version: 2` is refused there."""
+    """accelerate 1.6 refuses FSDP2 with FULL_STATE_DICT (configs/accelerate/fsdp.yaml), older ones have no FSDP2."""
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     settings = yaml.safe_load((ROOT / "configs" / "accelerate" / "fsdp.yaml").read_text())["fsdp_config"]
