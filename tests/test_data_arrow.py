@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from inputs_tiny import byte_bpe, write_jsonl
+from inputs_tiny import byte_bpe, llama_style, write_jsonl
 from prefalign.core import data_files, encode_arrow
 from prefalign.core.data import (
     DataConfig,
@@ -205,6 +205,9 @@ def test_tokenized_sets_equal_the_list_encoder_and_their_cache_key_covers_the_to
         encode_arrow.encode_data(byte_bpe(eos="<pad>"), records, data, "x", (12, 4)).key,
     ]
     assert encoded.key not in changed and len(set(changed)) == 3
+    sentencepiece = llama_style()  # BOS before prompts, a Metaspace pre-tokenizer: batched == one by one
+    on_disk = encode_arrow.encode_data(sentencepiece, records, data, "data.train", (12, 4))
+    assert list(on_disk) == list(encode_list(sentencepiece, load_preferences(path), data, "data.train", (12, 4)))
 
 
 def test_reference_logps_attach_to_records_read_from_disk(tmp_path):

@@ -43,7 +43,14 @@ class StandIn(BaseHTTPRequestHandler):
             return self._reply(200, {"errors": [], "warnings": []})
         if "/preupload/" in self.path:
             files = json.loads(body)["files"]
-            return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+            return self._reply(
+                200,
+                {
+                    "files": [
+                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files
+                    ]
+                },
+            )
         if "/commit/" in self.path:
             repo = self.path.split("/api/models/")[1].split("/commit/")[0]
             for line in body.decode().splitlines():
@@ -51,6 +58,19 @@ class StandIn(BaseHTTPRequestHandler):
                 if item["key"] == "file":
                     server.repos[repo][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
             return self._reply(200, {"commitUrl": f"{base}/{repo}/commit/{'a' * 40}", "commitOid": "a" * 40})
+        return self._reply(404, {"error": f"not in the stand-in: {self.path}"})
+
+    def do_GET(self):  # huggingface_hub < 1.0 asks whether the repository uses xet storage first
+        self.server.calls.append(self.path)
+        if "/revision/" in self.path:
+            return self._reply(
+                200,
+                {
+                    "id": self.path.split("/api/models/")[1].split("/revision/")[0],
+                    "sha": "a" * 40,
+                    "xetEnabled": False,
+                },
+            )
         return self._reply(404, {"error": f"not in the stand-in: {self.path}"})
 
     def log_message(self, *args):

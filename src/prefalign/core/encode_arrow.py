@@ -136,7 +136,9 @@ class EncodedSet(Sequence):
         prompt = pc.list_value_length(table["prompt_ids"]).to_numpy(zero_copy_only=False)
         flat = pc.list_value_length(pc.list_flatten(table["response_ids"])).to_numpy(zero_copy_only=False)
         count = pc.list_value_length(table["response_ids"]).to_numpy(zero_copy_only=False)
-        longest = np.maximum.reduceat(flat, np.concatenate([[0], np.cumsum(count)[:-1]])) if len(flat) else flat
+        longest = (
+            np.maximum.reduceat(flat, np.concatenate([[0], np.cumsum(count)[:-1]])) if len(flat) else flat
+        )
         return prompt, longest, count
 
     def longest(self, n: int) -> list[EncodedRecord]:
@@ -153,7 +155,9 @@ def encode_data(tokenizer, records, data: DataConfig, name: str, lengths: tuple[
     warning line and drop (under `data.on_bad_row: skip`) or refuse records whose ranked responses became
     identical token sequences, with the same messages."""
     if not isinstance(records, RecordSet) or not len(records):
-        return encode.encode_data(tokenizer, [] if isinstance(records, RecordSet) else records, data, name, lengths)
+        return encode.encode_data(
+            tokenizer, [] if isinstance(records, RecordSet) else records, data, name, lengths
+        )
     if len(records) and bool(pc.any(pc.starts_with(_column(records, "prompt"), "[")).as_py()):
         if getattr(tokenizer, "chat_template", None) is None:  # chat messages are stored as JSON lists
             raise ConfigError(
@@ -230,10 +234,40 @@ def _column(records: RecordSet, name: str):
     return records.dataset.with_format("arrow")[:][name]
 
 
+class Pretokenized:
+    """The tokenizer, with the ids of a batch's texts computed in ONE call (the Rust tokenizer's batch path)
+    and returned when the encoder asks for one of them (`tokenizer(text, add_special_tokens=False)`); every
+    other call and attribute goes to the tokenizer itself. The same ids by construction: the same tokenizer
+    on the same string, without padding or truncation; a text the encoder asks for that was not
+    pre-tokenized (rendered chat, a joined prompt + response) is tokenized as before."""
+
+    def __init__(self, tokenizer, texts: list[str]):
+        self._tokenizer = tokenizer
+        texts = list(dict.fromkeys(t for t in texts if isinstance(t, str)))
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        self._ids = dict(zip(texts, ids))
+
+    def __call__(self, text, *args, **kwargs):
+        if (
+            not args
+            and kwargs == {"add_special_tokens": False}
+            and isinstance(text, str)
+            and text in self._ids
+        ):
+            return {"input_ids": list(self._ids[text])}
+        return self._tokenizer(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
 def _batch_encoder(tokenizer, max_length: int, max_prompt_length: int):
     def encode_batch(batch: dict) -> dict:
         report = EncodeReport()
-        encoded = encode_records(tokenizer, from_columns(batch), max_length, max_prompt_length, report=report)
+        records = from_columns(batch)
+        texts = [x for r in records for x in [r.prompt, *r.responses]]
+        fast = Pretokenized(tokenizer, texts) if getattr(tokenizer, "is_fast", False) else tokenizer
+        encoded = encode_records(fast, records, max_length, max_prompt_length, report=report)
         n, identical = len(encoded), set(report.identical)
         out = {
             "prompt_ids": [r.prompt_ids for r in encoded],
