@@ -18,6 +18,19 @@ ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["tasty", "fresh", "bland", "soggy", "great", "awful"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory):
+    """The tests' tokenized and validated data (core/data_arrow.py) goes to a folder of their own, not the
+    user's `~/.cache/prefalign/data`."""
+    old = os.environ.get("PREFALIGN_DATA_CACHE")
+    os.environ["PREFALIGN_DATA_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))
+    yield
+    if old is None:
+        os.environ.pop("PREFALIGN_DATA_CACHE", None)
+    else:
+        os.environ["PREFALIGN_DATA_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory):
     """A 1-layer GPT-2 (16 dims) with the reviews world's word-level tokenizer, saved with save_pretrained."""

@@ -133,9 +133,9 @@ def test_latent_cache_changes_speed_only_and_is_keyed(assets, tmp_path):
     plain = run("plain")
     cached = run("cached", latent_cache=True, cache_dir=str(cache))
     assert [m["loss"] for m in cached] == pytest.approx([m["loss"] for m in plain], rel=2e-4)
-    (stored,) = cache.glob("latents-*.safetensors")
+    (stored,) = cache.glob("latents-*/shard-00000.safetensors")
     stamp = stored.stat().st_mtime_ns
     again = run("again", latent_cache=True, cache_dir=str(cache))
     assert [m["loss"] for m in again] == [m["loss"] for m in cached] and stored.stat().st_mtime_ns == stamp
     run("smaller", latent_cache=True, cache_dir=str(cache), resolution=8)
-    assert len(list(cache.glob("latents-*.safetensors"))) == 2
+    assert len(list(cache.glob("latents-*/done.json"))) == 2

@@ -199,3 +199,35 @@ def test_digits_pfm_beats_reference_on_the_held_out_evaluator():
     before = world.score(reference, test).mean()
     after = world.score(flow.improve(reference, test).clamp(0, 1), test).mean()
     assert after > before + 0.1
+
+
+def test_assignment_coupling_equals_brute_force_and_pot():
+    """`ot_pairing` and `toy2d.wasserstein` solve the uniform-weight OT problem by `linear_sum_assignment`.
+    Ground truth: the best of all n! permutations (n <= 6, continuous random inputs, so the optimum is unique);
+    where POT is installed, also its network simplex (`ot.emd`, `ot.emd2`), which they replaced."""
+    import itertools
+
+    from prefalign.worlds import toy2d
+
+    generator = torch.Generator().manual_seed(0)
+    for n in range(1, 7):
+        for _ in range(5):
+            source, target = torch.randn(n, 3, generator=generator), torch.randn(n, 3, generator=generator)
+            cost = torch.cdist(source.double(), target.double()).pow(2)
+            best = min(itertools.permutations(range(n)), key=lambda p: sum(cost[i, p[i]] for i in range(n)))
+            assert pfm.ot_pairing(source, target).tolist() == list(best)
+            w2 = float(sum(cost[i, best[i]] for i in range(n)) / n) ** 0.5
+            assert toy2d.wasserstein(source, target) == pytest.approx(w2, rel=1e-12)
+    with pytest.raises(ValueError, match="equal size"):
+        toy2d.wasserstein(torch.zeros(2, 2), torch.zeros(3, 2))
+    try:
+        import ot  # POT: the library this replaced, when installed
+    except ImportError:
+        return
+    for n in (10, 40):
+        source, target = torch.randn(n, 2, generator=generator), torch.randn(n, 2, generator=generator)
+        cost = torch.cdist(source.double(), target.double()).pow(2).numpy()
+        plan = ot.emd(ot.unif(n), ot.unif(n), cost)
+        assert pfm.ot_pairing(source, target).tolist() == plan.argmax(1).tolist()
+        expected = float(ot.emd2(ot.unif(n), ot.unif(n), cost, numItermax=1_000_000)) ** 0.5
+        assert toy2d.wasserstein(source, target) == pytest.approx(expected, rel=1e-9)

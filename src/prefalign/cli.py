@@ -209,8 +209,11 @@ def demo(
         if name == "all" and out is not None:
             out_dir = out / demo_name
         _runner()  # library noise quieted before the demo's imports
-        module = importlib.import_module(DEMOS[demo_name])
         try:
+            from prefalign.core import extras
+
+            extras.require("demos", f"prefalign demo {demo_name}")
+            module = importlib.import_module(DEMOS[demo_name])
             module.run(Path(out_dir), quick=quick, seeds=list(range(n_seeds)))
         except UserError as e:
             _fail(str(e))
@@ -261,10 +264,22 @@ def export(
     step: Annotated[
         int | None, typer.Option(help="export checkpoints/step-N instead of final/ (dpo, mpo)")
     ] = None,
+    push_to_hub: Annotated[
+        str | None,
+        typer.Option("--push-to-hub", help="then upload the folder to this hub repository (owner/name)"),
+    ] = None,
+    public: Annotated[
+        bool, typer.Option("--public", help="create the hub repository public (default: private)")
+    ] = False,
+    license: Annotated[str | None, typer.Option(help="the model card's license (e.g. apache-2.0)")] = None,
 ):
-    """Write the run's model as a folder `from_pretrained` opens (with its model card, README.md)."""
+    """Write the run's model as a folder `from_pretrained` opens (with its model card, README.md); with
+    --push-to-hub, upload it to the Hugging Face Hub (token: HF_TOKEN or `huggingface-cli login`)."""
     try:
-        what = _runner().export(run_dir, out, merge_lora=merge_lora, step=step)
+        what = _runner().export(
+            run_dir, out, merge_lora=merge_lora, step=step, license=license, push_to_hub=push_to_hub,
+            private=not public,
+        )  # fmt: skip
     except UserError as e:
         _fail(str(e))
     typer.echo(f"exported {what} to {out}")

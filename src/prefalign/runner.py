@@ -31,12 +31,13 @@ from typing import Any
 
 import yaml
 
-from prefalign.core import console, packing
+from prefalign.core import console, extras, packing
 from prefalign.core.checkpoint import checkpoints
 from prefalign.core.config import apply_overrides, apply_renames, build, load_yaml, loss_options, to_dict
 from prefalign.core.data_mix import check_sources_exist
 from prefalign.core.errors import ConfigError
 from prefalign.core.export import export_checkpoint, export_final, record_base_model
+from prefalign.core.hub import push_folder
 from prefalign.core.report import eval_markdown, model_card, write_summary
 from prefalign.core.train import FitResult, fit, make_accelerator, total_steps, unwrap
 
@@ -50,6 +51,8 @@ METHODS = {
     "diffusion_dpo": "prefalign.methods.diffusion_dpo",
     "sspo": "prefalign.methods.sspo",
 }
+# methods whose modules import an optional extra's packages (core/extras.py)
+METHOD_EXTRAS = {"diffusion_dpo": "diffusion", "sspo": "diffusion"}
 # keys that may change between a run and its resumption (how long, how often, how loud)
 RESUMABLE_CHANGES = {
     "train.max_steps", "train.epochs", "train.log_every", "train.eval_every", "train.save_every",
@@ -79,6 +82,8 @@ def method_module(name: str):
         raise ConfigError(
             f"config key 'method': unknown method '{name}'; choose one of: {', '.join(METHODS)}"
         )
+    if name in METHOD_EXTRAS:
+        extras.require(METHOD_EXTRAS[name], f"method '{name}'")
     return importlib.import_module(METHODS[name])
 
 
@@ -274,6 +279,16 @@ def run(cfg, **inputs) -> RunResult:
             record_base_model(final, cfg.model.name_or_path if hasattr(cfg.model, "name_or_path") else "")
             (final / "README.md").write_text(model_card(to_dict(cfg), summary, final))
         write_summary(run_dir, summary)
+        if (
+            cfg.train.push_to_hub and job.save is not None
+        ):  # the exported folder, as `prefalign export` writes it
+            train = cfg.train
+            pushed = export(
+                run_dir, run_dir / "hub", license=train.hub_license, push_to_hub=train.push_to_hub,
+                private=train.hub_private,
+            )  # fmt: skip
+            if talk:
+                console.say(f"hub: {pushed}")
         if talk:
             options = inspect.signature(module.evaluate_run).parameters
             reused = resumed_at >= summary.get("steps", 0) > 0 and job.train is None
@@ -413,10 +428,20 @@ def evaluate(run_dir: str | Path, **options) -> dict:
     return result
 
 
-def export(run_dir: str | Path, out: str | Path, merge_lora: bool = False, step: int | None = None) -> str:
-    """`prefalign export RUN_DIR OUT [--merge-lora] [--step N]`: the run's model (final/, or checkpoint N of a
-    dpo/mpo run) as a folder `from_pretrained` opens, with its model card; see `core/export.py`. Returns
-    what was written."""
+def export(
+    run_dir: str | Path,
+    out: str | Path,
+    merge_lora: bool = False,
+    step: int | None = None,
+    *,
+    license: str | None = None,
+    push_to_hub: str | None = None,
+    private: bool = True,
+) -> str:
+    """`prefalign export RUN_DIR OUT [--merge-lora] [--step N] [--push-to-hub REPO]`: the run's model (final/,
+    or checkpoint N of a dpo/mpo run) as a folder `from_pretrained` opens, with its model card (hub metadata:
+    `license` among it); see `core/export.py`. With `push_to_hub`, the folder is then uploaded to that hub
+    repository (`core/hub.py`; created `private` when missing). Returns what was done."""
     run_dir, out = Path(run_dir), Path(out)
     cfg = config_of(run_dir)
     if step is None:
@@ -436,7 +461,9 @@ def export(run_dir: str | Path, out: str | Path, merge_lora: bool = False, step:
         json.loads(summary_path.read_text()) if summary_path.is_file() and step is None else {"steps": step}
     )
     evaluation = json.loads(eval_path.read_text()) if eval_path.is_file() and step is None else None
-    (out / "README.md").write_text(model_card(to_dict(cfg), summary, out, evaluation))
+    (out / "README.md").write_text(model_card(to_dict(cfg), summary, out, evaluation, license=license))
+    if push_to_hub:
+        what += f", pushed to {push_to_hub} ({push_folder(out, push_to_hub, private=private)})"
     return what
 
 

@@ -15,13 +15,17 @@
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import json
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from prefalign.core.data_arrow import cache_dir as data_cache_dir
 from prefalign.core.errors import ConfigError
 from prefalign.core.images import ImageDataset, collate_images
 from prefalign.core.reference import weights_hash
@@ -171,25 +175,80 @@ class Conditioner:
 
 # ---------------------------------------------------------------- the latent cache
 
+SHARD_ROWS = 1024  # rows per latent shard: what one write holds in memory
+
+
+def _reference(ref) -> bytes:
+    """What identifies one image reference without decoding it: a file's path, size and modification time;
+    the bytes of an embedded image; the pixels of an in-memory one."""
+    if isinstance(ref, dict):
+        ref = ref.get("bytes") or ref.get("path")
+    if isinstance(ref, (bytes, bytearray, memoryview)):
+        return hashlib.blake2b(bytes(ref), digest_size=16).digest()
+    if isinstance(ref, (str, Path)):
+        stat = Path(ref).stat()
+        return f"{Path(ref).resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()
+    if torch.is_tensor(ref):
+        return f"{tuple(ref.shape)}|{ref.dtype}".encode() + ref.contiguous().numpy().tobytes()
+    return repr((getattr(ref, "size", None), getattr(ref, "mode", None))).encode() + ref.tobytes()  # PIL
+
 
 def _data_key(dataset, fields: list[str]) -> str:
-    """Hash of every row's preprocessed images (what the VAE would see)."""
+    """Hash of what the VAE would see, without decoding an image: the image references of a table (files by
+    path, size and modification time; embedded bytes by content) with the decoding settings, or the pixels of
+    in-memory arrays."""
     digest = hashlib.blake2b(digest_size=16)
-    for i in range(len(dataset)):
-        item = dataset[i]
-        for name in fields:
-            x = item[name].contiguous()
-            digest.update(f"{name}|{tuple(x.shape)}".encode())
-            digest.update(x.numpy().tobytes())
+    images = dataset.images
+    if images is not None:  # references decoded on access (core.image_rows.TableImages)
+        digest.update(f"{type(images).__name__}|{images.channels}|{images.resolution}".encode())
+    for name in fields:
+        column = dataset.data[name]
+        if torch.is_tensor(column):
+            digest.update(f"{name}|{tuple(column.shape)}|{column.dtype}".encode())
+            digest.update(column.contiguous().numpy().tobytes())
+            continue
+        for ref in column:
+            digest.update(name.encode() + _reference(ref))
     return digest.hexdigest()
 
 
+class LatentColumn:
+    """One column of the latent cache, read row by row from memory-mapped safetensors shards (never loaded
+    whole): `column[i]` -> a tensor. Pickles as its file names (DataLoader workers map the same files)."""
+
+    def __init__(self, shards: list[Path], rows: list[int], name: str):
+        self.shards, self.name = [Path(p) for p in shards], name
+        self.starts = torch.tensor([0, *rows]).cumsum(0).tolist()
+        self._open: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        i = range(len(self))[i]
+        shard = bisect.bisect_right(self.starts, i) - 1
+        if shard not in self._open:
+            self._open[shard] = safe_open(str(self.shards[shard]), framework="pt")
+        return self._open[shard].get_slice(self.name)[i - self.starts[shard]]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_open": {}}
+
+
 def cache_latents(
-    dataset: ImageDataset, conditioner: Conditioner, cache_dir, batch_size: int = 16
+    dataset: ImageDataset,
+    conditioner: Conditioner,
+    cache_dir=None,
+    batch_size: int = 16,
+    shard_rows: int = SHARD_ROWS,
 ) -> ImageDataset:
     """The dataset with its images replaced by their VAE latents, computed once and stored under `cache_dir` as
-    `latents-<key>.safetensors`, the key hashing the preprocessed images, the VAE's weights and its scaling:
-    other data, another VAE or another resolution compute afresh; an identical run reads the file."""
+    `latents-<key>/shard-NNNNN.safetensors` (`shard_rows` rows each, each written atomically, so an
+    interrupted build resumes at its first missing shard) and `done.json`; the latents are read memory-mapped,
+    row by row. The key hashes the images as `_data_key` identifies them (no decoding), the VAE's weights and
+    its scaling: other data, another VAE or another resolution compute afresh; an identical run, any run,
+    reads the shards. `cache_dir` None: the data cache's `latents/` (`core.data_arrow.cache_dir`), shared by
+    every run."""
     vae = conditioner.parts.vae
     if vae is None:
         return dataset
@@ -199,20 +258,30 @@ def cache_latents(
         f"{_data_key(dataset, fields)}|{weights_hash(vae)}|mean|{config.scaling_factor}|{getattr(config, 'shift_factor', None)}".encode(),
         digest_size=16,
     ).hexdigest()
-    path = Path(cache_dir) / f"latents-{key}.safetensors"
-    if path.is_file():
-        stored = load_file(path)
-    else:
-        stored = {name: [] for name in [*fields, "time_ids"]}
-        for start in range(0, len(dataset), batch_size):
-            batch = collate_images([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            for name in fields:
-                stored[name].append(conditioner.model_images(batch[name].to(conditioner.device)).cpu())
-            stored["time_ids"].append(conditioner.time_ids(batch, len(batch["chosen"])))
-        stored = {name: torch.cat(values).contiguous() for name, values in stored.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-        save_file(stored, tmp)
-        os.replace(tmp, path)  # atomic: a concurrent run reads a whole file or none
+    folder = Path(cache_dir or data_cache_dir() / "latents") / f"latents-{key}"
+    shards = [folder / f"shard-{k:05d}.safetensors" for k in range(-(-len(dataset) // shard_rows))]
+    if not (folder / "done.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, path in enumerate(shards):
+            if not path.is_file():
+                rows = range(k * shard_rows, min((k + 1) * shard_rows, len(dataset)))
+                _write_shard(path, dataset, rows, conditioner, fields, batch_size)
+        done = folder / f".tmp-{os.getpid()}-done.json"
+        done.write_text(json.dumps({"rows": len(dataset), "shards": len(shards), "shard_rows": shard_rows}))
+        os.replace(done, folder / "done.json")
+    sizes = [min(shard_rows, len(dataset) - k * shard_rows) for k in range(len(shards))]
     columns = {k: v for k, v in dataset.data.items() if k not in fields}
-    return ImageDataset({**columns, **stored})
+    latents = {name: LatentColumn(shards, sizes, name) for name in [*fields, "time_ids"]}
+    return ImageDataset({**columns, **latents})
+
+
+def _write_shard(path: Path, dataset, rows: range, conditioner, fields, batch_size: int) -> None:
+    stored = {name: [] for name in [*fields, "time_ids"]}
+    for start in range(rows.start, rows.stop, batch_size):
+        batch = collate_images([dataset[i] for i in range(start, min(start + batch_size, rows.stop))])
+        for name in fields:
+            stored[name].append(conditioner.model_images(batch[name].to(conditioner.device)).cpu())
+        stored["time_ids"].append(conditioner.time_ids(batch, len(batch["chosen"])))
+    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    save_file({name: torch.cat(values).contiguous() for name, values in stored.items()}, tmp)
+    os.replace(tmp, path)  # atomic: a concurrent run reads a whole shard or none

@@ -23,20 +23,25 @@ is line 1). Later messages about a record (tokenization, truncation) name it the
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from tqdm.auto import tqdm
 
-from prefalign.core.data_files import RowError, decode_csv_cells, held_out_split, read_rows
+from prefalign.core import data_arrow
+from prefalign.core.data_arrow import RecordSet, digest
+from prefalign.core.data_files import RowError, decode_csv_cells, held_out_split, iter_rows, load_hub
 from prefalign.core.data_files import short_repr as _short
-from prefalign.core.data_mix import mix_records, train_sources
-from prefalign.core.data_smells import count_smells
+from prefalign.core.data_mix import mix_indices, train_sources
+from prefalign.core.data_smells import SmellCounter
 from prefalign.core.errors import ConfigError, DataError
 from prefalign.core.records import (  # noqa: F401  (re-exported: the public data API)
     ANNOTATOR_COLUMNS,
@@ -71,6 +76,8 @@ def _rename(row, columns: dict):
 
 
 def _check_columns(columns, rows: list, name: str) -> dict:
+    """`columns` checked: a mapping onto our field names, each of its columns present in some row of `rows`
+    (the source's first rows; `load_preferences` passes them before validating any row)."""
     if columns is None:
         return {}
     if not isinstance(columns, dict) or not all(isinstance(x, str) for item in columns.items() for x in item):
@@ -85,6 +92,81 @@ def _check_columns(columns, rows: list, name: str) -> dict:
     return columns
 
 
+def _check_options(tie_policy, on_bad_row) -> None:
+    if tie_policy not in TIE_POLICIES:
+        raise DataError(f"tie_policy: expected one of {', '.join(TIE_POLICIES)}, got {_short(tie_policy)}")
+    if on_bad_row not in ("error", "skip"):
+        raise DataError(f"on_bad_row: expected 'error' or 'skip', got {_short(on_bad_row)}")
+
+
+class _Validation:
+    """One pass over a source's rows: `records()` yields each valid row's `PreferenceRecord` (origin set), in
+    order; afterwards `report(smells)` is its `LoadReport`. Row-level checks are `records.record_from_row` (one
+    function per row layout); this adds the source's name, row and line to their messages, the renaming of
+    `columns`, CSV cell decoding, and `on_bad_row` / `tie_policy: skip` counting."""
+
+    PEEK = 10_000  # rows read ahead to check `columns` before validating any row
+
+    def __init__(
+        self, source, *, split, tie_policy, on_bad_row, columns, limit, hub=None, name=None, sft_rows=False
+    ):
+        _check_options(tie_policy, on_bad_row)
+        self.sft_rows = sft_rows
+        self.name, rows = iter_rows(source, split, hub)
+        self.name = name or self.name
+        rows = rows if limit is None else itertools.islice(rows, limit)
+        head = list(itertools.islice(rows, self.PEEK))
+        if not head:
+            raise DataError(f"{self.name} has no rows", source=self.name)
+        self.rows = itertools.chain(head, rows)
+        self.columns = _check_columns(columns, [row for row, _ in head], self.name) if columns else {}
+        self.is_csv = isinstance(source, (str, Path)) and Path(source).suffix.lower() == ".csv"
+        self.tie_policy, self.on_bad_row = tie_policy, on_bad_row
+        self.n_rows, self.skipped = 0, Counter()
+        self.smells = SmellCounter()
+        self.big = len(head) == self.PEEK
+
+    def records(self):
+        row_ties = "error" if self.tie_policy == "skip" else self.tie_policy
+        # disable=None: tqdm draws no bar when stderr is not a terminal (a log file gets no redraws)
+        bar = tqdm(desc=f"loading {self.name}", unit=" rows", disable=None if self.big else True)
+        for i, (raw, line) in enumerate(self.rows):
+            self.n_rows = i + 1
+            bar.update()
+            try:
+                if isinstance(raw, RowError):
+                    raise raw
+                row = _rename(raw, self.columns)
+                record = record_from_row(
+                    decode_csv_cells(row) if self.is_csv else row, row_ties, self.sft_rows
+                )
+            except RowError as e:
+                error = located_error(e, self.name, i, line)
+                if self.on_bad_row == "skip" or (self.tie_policy == "skip" and e.reason == "tied scores"):
+                    self.skipped[e.reason] += 1
+                    continue
+                raise error from None
+            record.origin = where(self.name, i, line)
+            self.smells.add(record)
+            yield record
+        bar.close()
+
+    def report(self, name_of) -> LoadReport:
+        """The pass's LoadReport (call after `records()` is exhausted); `name_of(i)`: the origin of record i."""
+        n_loaded = len(self.smells.rows)
+        report = LoadReport(
+            self.n_rows, n_loaded, dict(self.skipped), self.name, *self.smells.result(name_of)
+        )
+        if not n_loaded:
+            reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.skipped.items()))
+            raise DataError(
+                f"no valid rows in {self.name} ({self.n_rows} rows; reasons: {reasons})", source=self.name
+            )
+        if self.skipped:
+            logger.warning(report.summary())
+        return report
+
+
 def load_preferences(
     source, *, split="train", tie_policy="error", on_bad_row="error", columns=None, limit=None, sft_rows=False
 ) -> PreferenceData:
@@ -97,42 +179,89 @@ def load_preferences(
     bad rows and counts them per reason in `.report` (one warning log line). columns: {your_name: our_name}.
     limit: read only the first `limit` rows. sft_rows: accept TRL's SFT rows (messages, prompt/completion,
     text) as one-response records (`loss.name: sft`). Returns a `PreferenceData` list with `.report` (a
-    LoadReport)."""
-    if tie_policy not in TIE_POLICIES:
-        raise DataError(f"tie_policy: expected one of {', '.join(TIE_POLICIES)}, got {_short(tie_policy)}")
-    if on_bad_row not in ("error", "skip"):
-        raise DataError(f"on_bad_row: expected 'error' or 'skip', got {_short(on_bad_row)}")
-    name, rows = read_rows(source, split)
-    lines = getattr(rows, "lines", None)  # 1-based file lines (JSONL, CSV)
-    rows = rows if limit is None else rows[:limit]
-    if not rows:
-        raise DataError(f"{name} has no rows", source=name)
-    columns = _check_columns(columns, rows, name)
-    is_csv = isinstance(source, (str, Path)) and Path(source).suffix.lower() == ".csv"
-    row_ties = "error" if tie_policy == "skip" else tie_policy
-    records, skipped = PreferenceData(), Counter()
-    # disable=None: tqdm draws no bar when stderr is not a terminal (a log file gets no redraws)
-    for i, raw in enumerate(tqdm(rows, desc=f"loading {name}", disable=True if len(rows) < 20_000 else None)):
-        try:
-            if isinstance(raw, RowError):
-                raise raw
-            row = _rename(raw, columns)
-            record = record_from_row(decode_csv_cells(row) if is_csv else row, row_ties, sft_rows)
-            record.origin = where(name, i, lines[i] if lines else None)
-            records.append(record)
-        except RowError as e:
-            error = located_error(e, name, i, lines[i] if lines else None)
-            if on_bad_row == "skip" or (tie_policy == "skip" and e.reason == "tied scores"):
-                skipped[e.reason] += 1
-                continue
-            raise error from None
-    records.report = LoadReport(len(rows), len(records), dict(skipped), name, *count_smells(records))
-    if not records:
-        reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(skipped.items()))
-        raise DataError(f"no valid rows in {name} ({len(rows)} rows; reasons: {reasons})", source=name)
-    if skipped:
-        logger.warning(records.report.summary())
+    LoadReport). A run keeps its records on disk instead (`load_record_set`: the same checks and messages)."""
+    check = _Validation(
+        source, split=split, tie_policy=tie_policy, on_bad_row=on_bad_row, columns=columns, limit=limit,
+        sft_rows=sft_rows,
+    )  # fmt: skip
+    records = PreferenceData(check.records())
+    records.report = check.report(lambda i: records[i].origin)
     return records
+
+
+def source_key(source, split, hub: dict | None) -> str | None:
+    """What identifies a source's rows: the bytes of a file or saved folder, a `datasets` fingerprint, or a hub
+    dataset streamed at a pinned commit; None when nothing does (lists, a streamed branch): not cached."""
+    import sys
+
+    datasets = sys.modules.get("datasets")
+    if datasets is not None and isinstance(source, datasets.Dataset):
+        return source._fingerprint
+    if not isinstance(source, (str, Path)):
+        return None
+    path = Path(source)
+    if path.exists():
+        return data_arrow.file_digest(path)
+    hub = hub or {}
+    if hub.get("streaming"):
+        revision = hub.get("revision") or ""
+        return digest(source, split, hub) if re.fullmatch(r"[0-9a-f]{40}", revision) else None
+    return "hub"  # resolved to the loaded dataset's fingerprint by load_record_set
+
+
+def load_record_set(
+    source,
+    *,
+    split="train",
+    tie_policy="error",
+    on_bad_row="error",
+    columns=None,
+    limit=None,
+    hub=None,
+    sft_rows=False,
+) -> RecordSet:
+    """`load_preferences` for a run: the same validation and messages, but the records go to a memory-mapped
+    Arrow file in the data cache (`core.data_arrow`), batch by batch, and come back as a `RecordSet`. A second
+    call with the same source bytes and options opens that file without reading the source. `hub`: the
+    `datasets.load_dataset` options of a hub source (name, revision, streaming)."""
+    _check_options(tie_policy, on_bad_row)
+    name = str(source) if isinstance(source, (str, Path)) else None
+    options = [name, split, tie_policy, on_bad_row, columns, limit, hub, data_arrow.CACHE_VERSION]
+    options += ["sft_rows"] if sft_rows else []  # keys of runs without SFT rows stay as they were
+    key = source_key(source, split, hub)
+    from_hub = key == "hub"
+    if from_hub:  # loaded once here (datasets caches it); its fingerprint names the rows
+        source = load_hub(source, split, hub)
+        key = getattr(source, "_fingerprint", None)
+    path = None if key is None else data_arrow.cache_dir() / f"records-{digest(key, options)}.arrow"
+    if path is not None and path.exists():
+        report = data_arrow.read_meta(path.with_suffix(".json"))
+        if report is not None:
+            if report.skipped:
+                logger.warning(report.summary())
+            return RecordSet(datasets_from_file(path), path.stem, report)
+    check = _Validation(
+        source,
+        split=split,
+        tie_policy=tie_policy,
+        on_bad_row=on_bad_row,
+        columns=columns,
+        limit=limit,
+        hub=hub,
+        name=name if from_hub else None,  # a hub dataset loaded above: messages name the hub source
+        sft_rows=sft_rows,
+    )
+    dataset = data_arrow.write_records(check.records(), path)
+    report = check.report(lambda i: dataset[i]["origin"])
+    if path is not None:
+        data_arrow.write_meta(path.with_suffix(".json"), report)
+    return RecordSet(dataset, None if path is None else path.stem, report)
+
+
+def datasets_from_file(path: Path):
+    import datasets  # lazy: loaded for the run's data only
+
+    return datasets.Dataset.from_file(str(path))
 
 
 def warn_smells(records) -> None:
@@ -159,25 +288,40 @@ def split_records(records, eval_fraction: float, seed: int, *, by_annotator: boo
     """Deterministic (train, eval) split, each keeping the input order. With `by_annotator`, all records of
     one annotator land in the same split (records without annotator are split one by one), so eval measures
     generalization to unseen annotators; eval then holds about, not exactly, `eval_fraction` of the records."""
+    records = list(records)
+    annotators = [r.annotator for r in records] if by_annotator else None
+    train, held_out = split_indices(len(records), eval_fraction, seed, annotators)
+    return [records[i] for i in train], [records[i] for i in held_out]
+
+
+def split_indices(n: int, eval_fraction: float, seed: int, annotators: list | None = None):
+    """(train indices, eval indices) of `split_records` over n records (`annotators`: one per record, to keep
+    each annotator's records together)."""
     if not 0 <= eval_fraction < 1:
         raise DataError(f"eval_fraction: expected a number in [0, 1), got {_short(eval_fraction)}")
-    records = list(records)
-    groups: dict = {}
-    for i, record in enumerate(records):
-        key = ("annotator", record.annotator) if by_annotator and record.annotator is not None else ("row", i)
-        groups.setdefault(key, []).append(i)
-    keys = list(groups)
+    if annotators is None:
+        keys, groups = list(range(n)), None  # one group per record (the same shuffle as the general case)
+    else:
+        groups = {}
+        for i, who in enumerate(annotators):
+            groups.setdefault(("annotator", who) if who is not None else ("row", i), []).append(i)
+        keys = list(groups)
     random.Random(seed).shuffle(keys)
-    target = max(1, round(eval_fraction * len(records))) if eval_fraction > 0 else 0
-    eval_rows: set[int] = set()
-    for key in keys:
-        if len(eval_rows) >= target:
-            break
-        eval_rows.update(groups[key])
-    if eval_rows and len(eval_rows) == len(records):
+    target = max(1, round(eval_fraction * n)) if eval_fraction > 0 else 0
+    if groups is None:
+        held_out = sorted(keys[:target])
+    else:
+        chosen: list[int] = []
+        for key in keys:
+            if len(chosen) >= target:
+                break
+            chosen += groups[key]
+        held_out = sorted(chosen)
+    if held_out and len(held_out) == n:
         raise DataError(f"split_records: eval_fraction {eval_fraction} leaves no train record")
-    train = [r for i, r in enumerate(records) if i not in eval_rows]
-    return train, [r for i, r in enumerate(records) if i in eval_rows]
+    is_eval = np.zeros(n, dtype=bool)
+    is_eval[held_out] = True
+    return np.flatnonzero(~is_eval), np.asarray(held_out, dtype=np.int64)
 
 
 def pairwise_records(record: PreferenceRecord) -> list[PreferenceRecord]:
@@ -251,9 +395,10 @@ def is_template(text: str) -> bool:
 
 def load_records(data: DataConfig, seed: int, *, eval_fraction: float | None = None, sft_rows: bool = False):
     """(train records, eval records) from the `data:` section: `data.eval`; else a saved DatasetDict's own
-    held-out split (`test` or `validation`, when `data.split` is train); else a seeded split of `data.train`.
-    Several `data.train` sources are each split, then their train parts mixed (`mix_records`). `sft_rows`:
-    see `load_preferences`. The eval records' `.held_out` says where they came from (for the console)."""
+    held-out split (`test`, else `validation`, when `data.split` is train); else a seeded split of
+    `data.train`. Several `data.train` sources are each split, then their train parts mixed (`mix_indices`).
+    Both are `RecordSet`s: memory-mapped Arrow rows (`load_record_set`), selected by index. `sft_rows`: see
+    `load_preferences`. The eval set's `.held_out` names the DatasetDict split(s) it came from (the console)."""
     kwargs = dict(
         split=data.split,
         tie_policy=data.tie_policy,
@@ -266,37 +411,41 @@ def load_records(data: DataConfig, seed: int, *, eval_fraction: float | None = N
         raise ConfigError("config key 'data.train' is empty: name a preference data file or dataset")
     fraction = data.eval_fraction if eval_fraction is None else eval_fraction
     sources = train_sources(data.train)
-    parts, evals = [], []
-    own_splits = []
-    for path, _ in sources:
-        records = load_preferences(path, **kwargs)
+    parts, evals, own_splits = [], [], []
+    for source in sources:
+        hub = {k: v for k, v in source.hub.items() if k != "split"}
+        split = source.hub.get("split", data.split)
+        records = load_record_set(source.path, **{**kwargs, "split": split}, hub=hub)
         warn_smells(records)
-        train, held_out = records, []
-        own = None if data.eval or data.split != "train" else held_out_split(path)
-        if own:
-            held_out = load_preferences(path, **{**kwargs, "split": own})
-            own_splits.append(f"{path} split '{own}'")
+        train, held_out = records, None
+        own = None if data.eval or split != "train" else held_out_split(source.path)
+        if own:  # the dataset's own held-out split
+            held_out = load_record_set(source.path, **{**kwargs, "split": own}, hub=hub)
+            own_splits.append(f"{source.path} split '{own}'")
         elif not data.eval and fraction > 0 and len(records) >= 10:
-            train, held_out = split_records(records, fraction, seed)
-        parts.append(PreferenceData(train))
-        parts[-1].report = records.report
-        evals += held_out
+            train_rows, eval_rows = split_indices(len(records), fraction, seed)
+            train, held_out = records.select(train_rows, "train"), records.select(eval_rows, "eval")
+        parts.append(train)
+        evals += [held_out] if held_out is not None else []
     train = parts[0] if len(sources) == 1 else _mixture(parts, sources, seed)
     if data.eval:
-        eval_records = load_preferences(data.eval, **kwargs)
+        eval_records = load_record_set(data.eval, **kwargs)
         warn_smells(eval_records)
         return train, eval_records
-    evals = PreferenceData(evals)
+    if not evals:
+        return train, []
+    evals = evals[0] if len(evals) == 1 else data_arrow.concatenate(evals, "eval")
     evals.held_out = ", ".join(own_splits) or None
     return train, evals
 
 
-def _mixture(parts: list[PreferenceData], sources, seed: int) -> PreferenceData:
-    """`mix_records` of several sources, with one LoadReport over them and `.mixture` (per source: its
+def _mixture(parts: list[RecordSet], sources, seed: int) -> RecordSet:
+    """`mix_indices` of several sources, with one LoadReport over them and `.mixture` (per source: its
     weight, records available and records used)."""
-    names = [path for path, _ in sources]
-    records, used = mix_records(parts, [w for _, w in sources], seed)
-    out = PreferenceData(records)
+    names = [source.path for source in sources]
+    weights = [source.weight for source in sources]
+    chosen, used = mix_indices([len(p) for p in parts], weights, seed)
+    out = data_arrow.concatenate([p.select(rows, "mix") for p, rows in zip(parts, chosen)], [weights, seed])
     reports = [p.report for p in parts if p.report is not None]
     skipped: Counter = Counter()
     for report in reports:
@@ -305,6 +454,6 @@ def _mixture(parts: list[PreferenceData], sources, seed: int) -> PreferenceData:
     out.report = LoadReport(n_rows, n_loaded, dict(skipped), " + ".join(names))
     out.mixture = [
         {"source": name, "weight": w, "records": len(part), "used": k}
-        for name, (_, w), part, k in zip(names, sources, parts, used)
+        for name, w, part, k in zip(names, weights, parts, used)
     ]
     return out

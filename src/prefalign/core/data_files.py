@@ -74,21 +74,16 @@ def decode_csv_cells(row: dict) -> dict:
 
 
 def _read_json(path: Path, name: str) -> list:
+    if path.suffix in (".jsonl", ".ndjson"):
+        rows, lines = [], []
+        for row, line in iter_jsonl(path, name):
+            rows.append(row)
+            lines.append(line)
+        return with_lines(rows, lines)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start})", source=name) from None
-    if path.suffix in (".jsonl", ".ndjson"):
-        rows, lines = [], []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            lines.append(number)
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                rows.append(_Bad("row", "invalid JSON", f"not valid JSON ({e.msg} at column {e.colno})"))
-        return with_lines(rows, lines)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -98,6 +93,28 @@ def _read_json(path: Path, name: str) -> list:
     if not isinstance(data, list):
         raise DataError(f'{name}: expected a list of objects or {{"data": [...]}}, got {type(data).__name__}')
     return data
+
+
+def iter_jsonl(path: Path, name: str):
+    """(row, 1-based line) of each non-blank line of a JSON Lines file, read line by line (memory does not grow
+    with the file); a line that is not valid JSON gives a `RowError` in place of its row."""
+    offset = 0
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                where = f"{e.reason} at byte {offset + e.start}"
+                raise DataError(f"{name}: not UTF-8 text ({where})", source=name) from None
+            if number == 1:
+                line = line.removeprefix("\ufeff")  # a UTF-8 byte order mark is not part of the first row
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line), number
+            except json.JSONDecodeError as e:
+                yield _Bad("row", "invalid JSON", f"not valid JSON ({e.msg} at column {e.colno})"), number
 
 
 def _read_file(path: Path, name: str) -> list:
@@ -144,16 +161,6 @@ def _csv_lines(path: Path) -> list[int] | None:
     return lines
 
 
-def _dataset_rows(dataset, split: str, name: str) -> list:
-    import datasets
-
-    if isinstance(dataset, datasets.DatasetDict):
-        if split not in dataset:
-            raise DataError(f"{name}: no split '{split}' (available: {', '.join(dataset.keys())})")
-        dataset = dataset[split]
-    return dataset.to_list()
-
-
 EVAL_SPLITS = ("test", "validation")  # a DatasetDict's held-out splits, by name (TRL's eval split is "test")
 
 
@@ -179,37 +186,105 @@ def looks_like_hub_name(text: str) -> bool:
     return re.fullmatch(r"[\w.-]+/[\w.-]+", text) is not None and Path(text).suffix.lower() not in FILE_TYPES
 
 
-def read_rows(source, split: str) -> tuple[str, list]:
-    if isinstance(source, (list, tuple)):
-        return "<list>", [
-            r.to_dict() if hasattr(r, "to_dict") else r for r in source
-        ]  # PreferenceRecords too
+def read_rows(source, split: str, hub: dict | None = None) -> tuple[str, list]:
+    """(name, rows) of a source, all in memory (`Rows` with `.lines` for JSONL/CSV files)."""
+    name, rows = iter_rows(source, split, hub)
+    pairs = list(rows)
+    lines = [line for _, line in pairs]
+    out = with_lines([row for row, _ in pairs], lines if lines and None not in lines else None)
+    return name, out
+
+
+HUB_KEYS = ("name", "revision", "streaming")  # `datasets.load_dataset` options a hub source may set
+
+
+def iter_rows(source, split: str, hub: dict | None = None):
+    """(name, iterator of (row, 1-based file line or None)): the rows of a source, read lazily where the format
+    allows (JSONL line by line, parquet by record batch, datasets by Arrow batch, a streamed hub dataset row by
+    row); a .json file and a CSV are read whole. `hub`: `name` (the dataset's configuration), `revision`,
+    `streaming` for `datasets.load_dataset`."""
+    if isinstance(source, (list, tuple)):  # PreferenceRecords too
+        return "<list>", ((r.to_dict() if hasattr(r, "to_dict") else r, None) for r in source)
     datasets = sys.modules.get("datasets")  # an in-memory Dataset means the library is already imported
     if datasets is not None and isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
-        return "<Dataset>", _dataset_rows(source, split, "<Dataset>")
+        return "<Dataset>", _dataset_iter(source, split, "<Dataset>")
     if not isinstance(source, (str, Path)):
         raise DataError(f"unsupported source {type(source).__name__}; expected a path, name, list or Dataset")
     path, name = Path(source), str(source)
     if path.is_dir():
-        import datasets
-
-        try:
-            loaded = datasets.load_from_disk(str(path))
-        except FileNotFoundError as e:
-            raise DataError(f"{name}: a directory not written by datasets' save_to_disk ({e})") from None
-        rows = _dataset_rows(loaded, split, name)
-        return (f"{name}[{split}]" if isinstance(loaded, datasets.DatasetDict) else name), rows  # split named
+        loaded = load_saved(path, name)
+        dataset_dict = isinstance(loaded, sys.modules["datasets"].DatasetDict)
+        return (f"{name}[{split}]" if dataset_dict else name), _dataset_iter(
+            loaded, split, name
+        )  # split named
     if path.is_file():
-        return name, _read_file(path, name)
+        return name, _file_iter(path, name)
     if isinstance(source, str) and looks_like_hub_name(source):
-        import datasets
-
-        hub_name = source.removeprefix("hf://")
-        try:
-            return source, _dataset_rows(datasets.load_dataset(hub_name, split=split), split, source)
-        except Exception as e:  # network, missing dataset, missing split: all end the same way for the user
-            raise DataError(f"{source}: no such local path, and loading from the hub failed: {e}") from None
+        return source, _dataset_iter(load_hub(source, split, hub), split, source)
     raise DataError(f"file not found: {name}", source=name)
+
+
+def load_saved(path: Path, name: str):
+    import datasets  # lazy, like pyarrow and pandas: loaded only for that kind of source
+
+    try:
+        return datasets.load_from_disk(str(path))
+    except FileNotFoundError as e:
+        raise DataError(f"{name}: a directory not written by datasets' save_to_disk ({e})") from None
+
+
+def load_hub(source: str, split: str, hub: dict | None = None):
+    """`datasets.load_dataset` of a hub name (`hf://owner/name` or `owner/name`) and `split`, with the `hub`
+    options that are set; streaming gives an `IterableDataset`."""
+    import datasets
+
+    options = {k: v for k, v in (hub or {}).items() if k in HUB_KEYS and v not in (None, False)}
+    try:
+        return datasets.load_dataset(source.removeprefix("hf://"), split=split, **options)
+    except Exception as e:  # network, missing dataset, missing split: all end the same way for the user
+        raise DataError(f"{source}: no such local path, and loading from the hub failed: {e}") from None
+
+
+def _dataset_iter(dataset, split: str, name: str):
+    import datasets
+
+    if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        if split not in dataset:
+            raise DataError(f"{name}: no split '{split}' (available: {', '.join(dataset.keys())})")
+        dataset = dataset[split]
+    return _batches_iter(dataset)
+
+
+def _batches_iter(dataset):
+    import datasets
+
+    if isinstance(dataset, datasets.IterableDataset):
+        for row in dataset:
+            yield row, None
+        return
+    for batch in dataset.iter(batch_size=1000):
+        for values in zip(*batch.values()):
+            yield dict(zip(batch, values)), None
+
+
+def _file_iter(path: Path, name: str):
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        yield from iter_jsonl(path, name)
+    elif suffix == ".parquet":
+        import pyarrow.parquet
+
+        try:
+            for batch in pyarrow.parquet.ParquetFile(path).iter_batches(batch_size=10_000):
+                for row in batch.to_pylist():
+                    yield row, None
+        except Exception as e:  # pyarrow raises several types for corrupt files
+            raise DataError(f"{name}: not a readable parquet file ({e})", source=name) from None
+    else:
+        rows = _read_file(path, name)
+        lines = getattr(rows, "lines", None)
+        for i, row in enumerate(rows):
+            yield row, lines[i] if lines else None
 
 
 def read_arrays(path, what: str = "data file") -> dict:

@@ -175,7 +175,9 @@ class ImageDataConfig:
     resolution: int | None = None  # tables: images resized + centre-cropped to this; default the model's
     caption_dropout: float = 0.0  # fraction of training captions replaced by "" (the official recipe: 0.2)
     latent_cache: bool = False  # encode every image with the VAE once (stored under cache_dir, keyed)
-    cache_dir: str | None = None  # default: <train.output_dir>/latent_cache
+    cache_dir: str | None = (
+        None  # default: the shared data cache's latents/ (built once, reused by every run)
+    )
     n_pairs: int = 1000  # world sources: how many pairs to make
     sample_steps: int = 20  # world sources: sampler steps of the base model
     eval_samples_per_class: int = 0  # > 0 with a world base: its evaluator scores samples during training

@@ -181,6 +181,8 @@ def packing_tolerance(model) -> float:
 def longest_records(encoded: list[EncodedRecord], n: int = CHECK_RECORDS) -> list[EncodedRecord]:
     """The `n` records with the longest prompt + candidate (then the most candidates): where a mask fault
     such as a dropped sliding window shows, unlike in short records."""
+    if hasattr(encoded, "longest"):  # records on disk: from the Arrow columns (core.encode_arrow.EncodedSet)
+        return encoded.longest(n)
     key = [(len(r.prompt_ids) + max(map(len, r.response_ids)), len(r.response_ids)) for r in encoded]
     order = sorted(range(len(encoded)), key=lambda i: key[i], reverse=True)
     return [encoded[i] for i in sorted(order[:n])]

@@ -295,8 +295,11 @@ def _sft_record(row: dict, present: set) -> PreferenceRecord:
 
 
 def record_from_row(row, tie_policy: str, sft_rows: bool = False) -> PreferenceRecord:
-    """One raw row -> PreferenceRecord. `sft_rows`: TRL's SFT layouts (messages, prompt/completion, text)
-    are accepted as one-response records (for `loss.name: sft`); otherwise such a row is an error saying so."""
+    """One raw row -> PreferenceRecord, or a RowError naming the field. The row's layout picks one function per
+    row kind (`ROW_KINDS`); each validates and normalizes its fields, then the shared checks (prompt, one kind
+    of text, annotator, weight) apply. `sft_rows`: TRL's SFT layouts (messages, prompt/completion, text) are
+    accepted as one-response records (`_sft_record`, for `loss.name: sft`); otherwise such a row is an error
+    saying so."""
     if not isinstance(row, dict):
         raise RowError(
             "row", "not an object", f"expected an object with named fields, got {type(row).__name__}"
@@ -318,53 +321,12 @@ def record_from_row(row, tie_policy: str, sft_rows: bool = False) -> PreferenceR
         )
     if {"ranking", "scores"} <= present:
         raise RowError("scores", "ambiguous layout", "both 'ranking' and 'scores' are present; keep one")
-    if pair:
-        for name in ("chosen", "rejected"):
-            if name not in present:
-                raise RowError(
-                    name, "missing field", f"missing (layout prompt/chosen/rejected needs '{name}')"
-                )
-        chosen = _text_or_messages(row["chosen"], "chosen")
-        rejected = _text_or_messages(row["rejected"], "rejected")
-        if chosen == rejected:
-            raise RowError(
-                "chosen", "identical responses", "chosen == rejected; expected two distinct responses"
-            )
+    kind = "pair" if pair else "listwise" if listwise else None
+    if kind is None:
         if "prompt" in present:
-            prompt = row["prompt"]
-        elif isinstance(chosen, str) != isinstance(rejected, str):
-            raise RowError("rejected", "mixed text and messages", "expected chosen and rejected of one kind")
-        else:
-            prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected)
-        responses = [_text_or_messages(chosen, "chosen"), _text_or_messages(rejected, "rejected")]
-        ranking, kind_field = [0, 1], "chosen"
-    elif listwise:
-        for name in ("prompt", "responses"):
-            if name not in present:
-                raise RowError(name, "missing field", "missing (layouts prompt/responses/ranking or /scores)")
-        if "ranking" not in present and "scores" not in present:
             raise RowError(
-                "ranking", "missing field", "missing (give 'ranking' or 'scores' with 'responses')"
+                "chosen", "missing field", "missing; expected chosen/rejected or responses+ranking/scores"
             )
-        prompt, value = row["prompt"], row["responses"]
-        if not isinstance(value, (list, tuple)) or len(value) < 2:
-            what = f"{len(value)}" if isinstance(value, (list, tuple)) else _short(value)
-            raise RowError("responses", "too few responses", f"expected a list of >= 2 responses, got {what}")
-        responses = [_text_or_messages(r, f"responses[{i}]") for i, r in enumerate(value)]
-        if "ranking" in present:
-            ranking = _check_ranking(row["ranking"], len(responses))
-        else:
-            ranking = ranking_from_scores(_check_scores(row["scores"], len(responses)), tie_policy)
-        kind_field = "responses"
-        for i in range(len(responses)):  # a ranked response equal to another one contradicts itself
-            for j in range(i):
-                if responses[i] == responses[j] and (i in ranking or j in ranking):
-                    raise RowError("responses", "identical responses", f"responses {j} and {i} are identical")
-    elif "prompt" in present:
-        raise RowError(
-            "chosen", "missing field", "missing; expected chosen/rejected or responses+ranking/scores"
-        )
-    else:
         got = ", ".join(sorted(map(str, row))) or "none"
         accepted = f"{LAYOUTS}" + (
             f", and for loss.name sft {SFT_LAYOUTS}" if not sft_rows else f", {SFT_LAYOUTS}"
@@ -372,12 +334,61 @@ def record_from_row(row, tie_policy: str, sft_rows: bool = False) -> PreferenceR
         raise RowError(
             "columns", "unknown layout", f"none known (got: {got}); accepted column sets: {accepted}"
         )
+    prompt, responses, ranking, kind_field = ROW_KINDS[kind](row, present, tie_policy)
     prompt = _text_or_messages(prompt, "prompt")
     if len({isinstance(x, str) for x in [prompt, *responses]}) > 1:
         raise RowError(
             kind_field, "mixed text and messages", "expected all text or all messages (with prompt)"
         )
     return PreferenceRecord(prompt, responses, ranking, _annotator(row), _weight(row))
+
+
+def _pair_row(row: dict, present: set, tie_policy: str):
+    """prompt/chosen/rejected, or chosen/rejected with an implicit prompt -> (prompt, responses, ranking,
+    the field named when text and messages are mixed)."""
+    for name in ("chosen", "rejected"):
+        if name not in present:
+            raise RowError(name, "missing field", f"missing (layout prompt/chosen/rejected needs '{name}')")
+    chosen = _text_or_messages(row["chosen"], "chosen")
+    rejected = _text_or_messages(row["rejected"], "rejected")
+    if chosen == rejected:
+        raise RowError("chosen", "identical responses", "chosen == rejected; expected two distinct responses")
+    if "prompt" in present:
+        prompt = row["prompt"]
+    elif isinstance(chosen, str) != isinstance(rejected, str):
+        raise RowError("rejected", "mixed text and messages", "expected chosen and rejected of one kind")
+    else:
+        prompt, chosen, rejected = _split_implicit_prompt(chosen, rejected)
+    responses = [_text_or_messages(chosen, "chosen"), _text_or_messages(rejected, "rejected")]
+    return prompt, responses, [0, 1], "chosen"
+
+
+def _listwise_row(row: dict, present: set, tie_policy: str):
+    """prompt/responses/ranking or prompt/responses/scores -> (prompt, responses, ranking, the field named
+    when text and messages are mixed)."""
+    for name in ("prompt", "responses"):
+        if name not in present:
+            raise RowError(name, "missing field", "missing (layouts prompt/responses/ranking or /scores)")
+    if "ranking" not in present and "scores" not in present:
+        raise RowError("ranking", "missing field", "missing (give 'ranking' or 'scores' with 'responses')")
+    prompt, value = row["prompt"], row["responses"]
+    if not isinstance(value, (list, tuple)) or len(value) < 2:
+        what = f"{len(value)}" if isinstance(value, (list, tuple)) else _short(value)
+        raise RowError("responses", "too few responses", f"expected a list of >= 2 responses, got {what}")
+    responses = [_text_or_messages(r, f"responses[{i}]") for i, r in enumerate(value)]
+    if "ranking" in present:
+        ranking = _check_ranking(row["ranking"], len(responses))
+    else:
+        ranking = ranking_from_scores(_check_scores(row["scores"], len(responses)), tie_policy)
+    for i in range(len(responses)):  # a ranked response equal to another one contradicts itself
+        for j in range(i):
+            if responses[i] == responses[j] and (i in ranking or j in ranking):
+                raise RowError("responses", "identical responses", f"responses {j} and {i} are identical")
+    return prompt, responses, ranking, "responses"
+
+
+# row kind -> its validation: (row, present fields, tie_policy) -> (prompt, responses, ranking, mixed-kind field)
+ROW_KINDS = {"pair": _pair_row, "listwise": _listwise_row}
 
 
 def validate_record(

@@ -109,7 +109,10 @@ def cache_key(model, encoded, average: bool) -> str:
 
 
 def data_hash(encoded) -> str:
-    """Hash of every record's token ids (the ranking does not change log-probs, so it is left out)."""
+    """Hash of every record's token ids (the ranking does not change log-probs, so it is left out). Records
+    read from disk carry their tokenization cache key, which covers every token id (`EncodedSet.key`)."""
+    if getattr(encoded, "key", None) is not None:
+        return f"encoded-{encoded.key}"
     digest = hashlib.blake2b(digest_size=16)
     for record in encoded:
         digest.update(json.dumps([record.prompt_ids, record.response_ids]).encode())
@@ -189,8 +192,11 @@ def precompute_reference_logps(
                 tmp = path.with_suffix(f".tmp{os.getpid()}")
                 save_file(tensors, tmp)
                 os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache
-    for record, row in zip(encoded, logps):
-        record.reference_logps = row
+    if hasattr(encoded, "set_reference_logps"):  # records read from disk (core.encode_arrow.EncodedSet)
+        encoded.set_reference_logps(logps)
+    else:
+        for record, row in zip(encoded, logps):
+            record.reference_logps = row
     return logps
 
 

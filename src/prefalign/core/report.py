@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from prefalign.core import extras
+
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
@@ -76,7 +78,8 @@ def write_report(out_dir: str | Path, title: str, sections: Sequence[str]) -> Pa
 
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend (servers and CI have no display)."""
-    import matplotlib  # lazy: only reports draw plots, and the backend must be chosen first
+    extras.require("demos", "drawing a report's figures")
+    import matplotlib  # lazy: only reports draw plots, and the backend must be chosen first (prefalign[demos])
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -200,9 +203,49 @@ def _data_text(data: dict) -> str:
     return text
 
 
-def model_card(cfg: dict, summary: dict, folder: Path, evaluation: dict | None = None) -> str:
-    """README.md of a model folder (`final/` or an export): base model, method, data, key settings and the
-    evaluation numbers. How to load it follows from what the folder holds (an adapter or a full model)."""
+def card_data(cfg: dict, folder: Path, license: str | None = None):
+    """The hub's metadata of a model folder (`huggingface_hub.ModelCardData`): base_model (a hub id),
+    datasets (the hub datasets of data.train/data.eval), library_name (what loads the folder: transformers,
+    peft or diffusers), tags (prefalign, the method, the loss) and license (when given)."""
+    from huggingface_hub import ModelCardData  # lazy: only model cards need it
+
+    model, loss = cfg.get("model", {}), cfg.get("loss") or {}
+    base = model.get("name_or_path", "")
+    folder = Path(folder)
+    adapter = (folder / "adapter_config.json").is_file()
+    diffusion = (folder / "pytorch_lora_weights.safetensors").is_file() or (folder / "unet").is_dir()
+    library = "peft" if adapter else "transformers" if (folder / "config.json").is_file() else None
+    library = "diffusers" if diffusion else library
+    hub_id = base and not base.startswith(("world:", ".", "/", "~")) and library is not None
+    data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+    names = [data.get("eval")] + [
+        s.get("path") if isinstance(s, dict) else s
+        for s in (data.get("train") if isinstance(data.get("train"), list) else [data.get("train")])
+    ]
+    datasets = [n.removeprefix("hf://") for n in names if isinstance(n, str) and n and _is_hub_name(n)]
+    tags = ["prefalign", cfg.get("method", ""), loss.get("name")]
+    return ModelCardData(
+        base_model=base if hub_id else None,
+        datasets=datasets or None,
+        library_name=library,
+        tags=[t for t in dict.fromkeys(tags) if t],
+        license=license,
+    )
+
+
+def _is_hub_name(text: str) -> bool:
+    if text.startswith("hf://"):
+        return True
+    path = Path(text).expanduser()
+    return not path.exists() and not path.suffix and text.count("/") == 1 and not text.startswith(("/", "."))
+
+
+def model_card(cfg: dict, summary: dict, folder: Path, evaluation: dict | None = None, license=None) -> str:
+    """README.md of a model folder (`final/` or an export): the hub's metadata (`card_data`), then base model,
+    method, data, key settings and the evaluation numbers. How to load it follows from what the folder holds
+    (an adapter or a full model). Built and checked as a `huggingface_hub.ModelCard`."""
+    from huggingface_hub import ModelCard  # lazy: only model cards need it
+
     model, train, loss = cfg.get("model", {}), cfg.get("train", {}), cfg.get("loss") or {}
     base = model.get("name_or_path", "")
     adapter = (Path(folder) / "adapter_config.json").is_file()
@@ -210,12 +253,7 @@ def model_card(cfg: dict, summary: dict, folder: Path, evaluation: dict | None =
     lora = (model.get("lora") or {}).get("enabled", False)
     options = ", ".join(f"{k} {v}" for k, v in loss.items() if k != "name" and v is not None)
     loss_text = f"`{loss.get('name')}`" + (f" ({options})" if options else "") if loss else "-"
-    front = ["---", "tags: [prefalign, " + cfg.get("method", "") + "]"]
-    if base and not base.startswith(("world:", ".", "/", "~")) and is_lm:  # a hub id
-        front.append(f"base_model: {base}")
-    if is_lm:
-        front.append(f"library_name: {'peft' if adapter else 'transformers'}")
-    front.append("---")
+    front = ["---", card_data(cfg, folder, license).to_yaml(), "---"]
     lora_text = (
         f"LoRA r {model['lora'].get('r')}, alpha {model['lora'].get('alpha')}, "
         f"targets {model['lora'].get('target_modules') or 'all linear layers'}"
@@ -275,7 +313,7 @@ def model_card(cfg: dict, summary: dict, folder: Path, evaluation: dict | None =
                 "with `prefalign export RUN_DIR OUT --merge-lora`."
             )
     lines += _diffusion_use(Path(folder), base)
-    return "\n".join(lines) + "\n"
+    return ModelCard("\n".join(lines) + "\n").content
 
 
 def _diffusion_use(folder: Path, base: str) -> list[str]:

@@ -23,7 +23,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from prefalign.core import console
+from prefalign.core import console, extras
 from prefalign.core.errors import ConfigError
 
 PREFIX = "world:"
@@ -41,6 +41,7 @@ class Source:
 
 _SOURCES: dict[str, Source] = {}
 _entry_points_loaded = False
+_UNAVAILABLE: list[str] = []  # world modules that could not load for a missing extra: what to install
 
 
 def register(name: str, kind: str, load: Callable, evaluate: Callable | None = None, description: str = ""):
@@ -60,7 +61,13 @@ def _load_entry_points() -> None:
         _entry_points_loaded = True
         console.quiet_library_noise()  # world modules import diffusers pipelines, which log at import
         for ep in entry_points(group=ENTRY_POINT_GROUP):
-            ep.load()  # importing the world module registers its sources
+            try:
+                ep.load()  # importing the world module registers its sources
+            except ModuleNotFoundError as e:  # the built-in digits worlds need prefalign[demos]
+                missing = extras.from_import_error(e, "demos", f"world module '{ep.name}'")
+                if missing is None:
+                    raise
+                _UNAVAILABLE.append(str(missing))
 
 
 def known(kind: str | None = None) -> list[str]:
@@ -77,7 +84,8 @@ def get(name: str, kind: str | None = None, key: str = "model.name_or_path") -> 
         choices = (
             ", ".join(known(kind)) or "none registered (is prefalign installed with `pip install -e .`?)"
         )
-        raise ConfigError(f"config key '{key}': unknown source '{name}'; known: {choices}")
+        unavailable = f" (not loaded: {'; '.join(_UNAVAILABLE)})" if _UNAVAILABLE else ""
+        raise ConfigError(f"config key '{key}': unknown source '{name}'; known: {choices}{unavailable}")
     return source
 
 

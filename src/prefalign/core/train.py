@@ -70,6 +70,10 @@ class TrainConfig:
     resume: bool = True  # continue from the newest checkpoint in output_dir, if any
     report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, mlflow, ...
     progress: bool = True  # console output: what will run, a metrics line every log_every, a summary
+    # a hub repository (owner/name): at the end, the exported model (`prefalign export`) is pushed there
+    push_to_hub: str | None = None
+    hub_private: bool = True  # a repository push_to_hub creates is private
+    hub_license: str | None = None  # the model card's license (e.g. apache-2.0; usually the base model's)
 
     def validate(self):
         for name in (

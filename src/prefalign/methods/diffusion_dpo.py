@@ -142,7 +142,7 @@ def setup(cfg: Config, ctx, **_) -> Job:
     if cfg.data.caption_dropout > 0 and "caption" not in data.data:
         raise ConfigError("config key 'data.caption_dropout' needs captions in the data")
     if cfg.data.latent_cache:
-        data = cache_latents(data, conditioner, cfg.data.cache_dir or Path(ctx.run_dir) / "latent_cache")
+        data = cache_latents(data, conditioner, cfg.data.cache_dir)
     parts.unet.to(ctx.accelerator.device)
     _, _, options = build_loss(cfg.loss, LOSSES)
     return Job(

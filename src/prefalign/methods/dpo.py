@@ -14,12 +14,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from prefalign.core.config import build_loss
 from prefalign.core.console import lm_rows
 from prefalign.core.data import DataConfig, load_records
-from prefalign.core.encode import apply_chat_template, encode_data, fit_lengths
+from prefalign.core.encode import apply_chat_template, fit_lengths
+from prefalign.core.encode_arrow import encode_data
 from prefalign.core.errors import ConfigError
 from prefalign.core.evaluation import held_out_records, truth_notes_and_samples
 from prefalign.core.logprobs import choose_layout, collate, sequence_logps
@@ -131,7 +133,13 @@ def check_records_fit(records, loss: PreferenceLoss, where: str = "data.train") 
     """Pairwise losses take pairs only: fail before any work, naming the first record that is not one."""
     if loss.name not in PAIRWISE and loss.name != "simpo":
         return
-    for i, record in enumerate(records):
+    if hasattr(records, "counts"):  # records on disk: find the first non-pair from the Arrow columns
+        n_responses, n_ranked = records.counts()
+        bad = np.flatnonzero((n_responses != 2) | (n_ranked != 2))
+        records = {int(i): records[int(i)] for i in bad[:1]}.items()
+    else:
+        records = enumerate(records)
+    for i, record in records:
         if len(record.responses) != 2 or len(record.ranking) != 2:
             raise ConfigError(
                 f"{where}: record {i} has {len(record.responses)} responses ranked {record.ranking}, but loss "

@@ -35,7 +35,8 @@ import torch
 from prefalign.core.config import build_loss
 from prefalign.core.console import lm_rows, progress
 from prefalign.core.data import DataConfig, load_records
-from prefalign.core.encode import apply_chat_template, chat_template_text, encode_data, fit_lengths
+from prefalign.core.encode import apply_chat_template, chat_template_text, fit_lengths
+from prefalign.core.encode_arrow import encode_data
 from prefalign.core.errors import ConfigError
 from prefalign.core.evaluation import held_out_records, truth_notes_and_samples
 from prefalign.core.logprobs import collate, generate_responses, sequence_logps

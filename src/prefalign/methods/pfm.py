@@ -14,7 +14,8 @@ flow k times (what the reference code does), or `recollect` (sample the improved
 the judge, fit a new flow on top; ~ best-of-2^k after k rounds).
 
 Choices that are ours, not the paper's (switchable): coupling `pairs` (keep the annotated pairs; default) or
-`ot` (exact minibatch OT re-pairing within each context, by POT; the reference code re-pairs across contexts);
+`ot` (exact minibatch OT re-pairing within each context, by scipy's `linear_sum_assignment`: with uniform
+weights and equal sizes the optimal plan is a permutation; the reference code re-pairs across contexts);
 sinusoidal time embedding + additive context embedding; solvers euler/midpoint/rk4 and dopri5 (torchdiffeq).
 """
 
@@ -31,8 +32,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from prefalign.core import extras
 from prefalign.core.config import build, build_loss
 from prefalign.core.data_files import read_arrays
 from prefalign.core.errors import ConfigError, DataError
@@ -221,9 +224,8 @@ def interpolate(source, target, t, noise, sigma: float):
 
 def ot_pairing(source, target, context=None) -> torch.Tensor:
     """Index `perm` such that (source[i], target[perm[i]]) is an exact minibatch OT coupling (squared L2 cost),
-    solved separately inside each group of equal contexts, so pairs never cross contexts."""
-    import ot  # lazy: POT only for coupling: ot
-
+    solved separately inside each group of equal contexts, so pairs never cross contexts. Uniform weights on
+    equal-size sets make the optimal plan a permutation (Birkhoff), found by `linear_sum_assignment`."""
     rows, perm = torch.arange(len(source)), torch.arange(len(source))
     if context is None:
         groups = [rows]
@@ -231,12 +233,17 @@ def ot_pairing(source, target, context=None) -> torch.Tensor:
         _, inverse = torch.unique(context.reshape(len(context), -1), dim=0, return_inverse=True)
         groups = [rows[inverse == g] for g in inverse.unique()]
     for idx in groups:
-        cost = (
-            torch.cdist(source[idx].flatten(1).double(), target[idx].flatten(1).double()).pow(2).cpu().numpy()
-        )
-        plan = ot.emd(np.full(len(idx), 1 / len(idx)), np.full(len(idx), 1 / len(idx)), cost)
-        perm[idx] = idx[torch.as_tensor(plan.argmax(1))]
+        cost = torch.cdist(source[idx].flatten(1).double(), target[idx].flatten(1).double()).pow(2)
+        perm[idx] = idx[torch.as_tensor(assignment(cost.cpu().numpy()))]
     return perm.to(source.device)
+
+
+def assignment(cost: np.ndarray) -> np.ndarray:
+    """`match[i]`: the column row i is matched to in a minimum-cost perfect matching of a square cost matrix."""
+    rows, cols = linear_sum_assignment(cost)
+    match = np.empty(len(rows), dtype=np.int64)
+    match[rows] = cols
+    return match
 
 
 def flow_step(field, batch, sigma: float, coupling: str = "pairs"):
@@ -263,7 +270,8 @@ def integrate(field, y, context=None, method="midpoint", steps=8, rtol=1e-5, ato
         return field(t, y, context)
 
     if method == "dopri5":
-        from torchdiffeq import odeint  # lazy: only the adaptive solver needs it
+        extras.require("flow", "flow.solver: dopri5")
+        from torchdiffeq import odeint  # lazy: only the adaptive solver needs it (prefalign[flow])
 
         times = torch.tensor([0.0, 1.0], dtype=y.dtype, device=y.device)
         return odeint(velocity, y, times, method="dopri5", rtol=rtol, atol=atol)[-1], nfe

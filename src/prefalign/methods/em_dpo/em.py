@@ -48,10 +48,12 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+from prefalign.core import extras
 from prefalign.core.checkpoint import trainable_state
 from prefalign.core.config import build, build_loss, load_yaml
 from prefalign.core.data import DataConfig, load_records
-from prefalign.core.encode import apply_chat_template, encode_data, fit_lengths
+from prefalign.core.encode import apply_chat_template, fit_lengths
+from prefalign.core.encode_arrow import encode_data
 from prefalign.core.errors import ConfigError
 from prefalign.core.models import (
     LoraSettings,
@@ -130,6 +132,10 @@ class EMConfig:
             )
         if self.folds > 1 and self.holdout:
             raise ConfigError("config keys 'em.folds' > 1 and 'em.holdout' both hold out data: choose one")
+        if self.init in ("kmeans", "whitened"):
+            extras.require("em", f"em.init: {self.init}")
+        if self.true_types:
+            extras.require("em", "em.true_types (the adjusted Rand index)")
         if self.init == "labels" and not self.init_labels:
             raise ConfigError("config key 'em.init' is 'labels' but 'em.init_labels' names no file")
 
